@@ -1,0 +1,154 @@
+"""Preference pairs in the Pick-a-Pic v2 schema, loaded with ``datasets.load_dataset``.
+
+Schema: ``caption`` (str), ``jpg_0`` and ``jpg_1`` (encoded image bytes, an ``Image`` feature or a
+file path) and ``label_0`` (1.0: image 0 preferred, 0.0: image 1 preferred, 0.5: tie, dropped).
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+TIE = 0.5
+
+
+def check_schema(dataset: Any, split: str) -> None:
+    """Refuse a split that lacks a Pick-a-Pic v2 column, naming it and what was found."""
+    columns = dataset.column_names
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(
+            f"preference split {split!r} lacks column(s) {', '.join(missing)}; found {', '.join(columns)}. "
+            "Rename them to the Pick-a-Pic v2 schema (caption, jpg_0, jpg_1, label_0), e.g. with "
+            "dataset.rename_column."
+        )
+    label_type = (
+        str(dataset.features["label_0"].dtype) if hasattr(dataset.features["label_0"], "dtype") else ""
+    )
+    if not label_type.startswith(("float", "int", "bool")):
+        raise ValueError(
+            f"column label_0 of split {split!r} must be numeric (1, 0 or 0.5), got {label_type or 'a non-value feature'}"
+        )
+
+
+def drop_ties(dataset: Any, split: str) -> Any:
+    """Drop pairs with ``label_0 == 0.5`` (Diffusion-DPO trains on strict preferences only)."""
+    kept = dataset.filter(lambda labels: [x != TIE for x in labels], input_columns="label_0", batched=True)
+    if len(kept) == 0:
+        raise ValueError(f"every pair of split {split!r} is a tie (label_0 == 0.5): nothing to learn from")
+    return kept
+
+
+def decode_image(value: Any) -> Image.Image:
+    """Decode a Pick-a-Pic image cell: bytes, ``{"bytes": ..., "path": ...}``, a PIL image or a path."""
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, bytes | bytearray):
+        image = Image.open(io.BytesIO(value))
+    elif isinstance(value, dict):
+        image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+    elif isinstance(value, str):
+        image = Image.open(value)
+    else:
+        raise TypeError(f"cannot decode an image from {type(value).__name__}")
+    image.load()
+    return image.convert("RGB")
+
+
+@dataclass
+class PairTransform:
+    """Resize the shorter side to ``resolution``, crop a square and maybe flip, the same crop and
+    flip for winner and loser (as the Diffusion-DPO script does); pixels go to ``[-1, 1]``."""
+
+    resolution: int = 512
+    random_crop: bool = False
+    random_flip: bool = True
+
+    def __call__(self, winner: Image.Image, loser: Image.Image) -> dict[str, Any]:
+        original_size = (winner.height, winner.width)
+        images = [self._resize(winner), self._resize(loser)]
+        height, width = images[0].height, images[0].width
+        if self.random_crop:
+            top = random.randint(0, height - self.resolution)
+            left = random.randint(0, width - self.resolution)
+        else:
+            top = (height - self.resolution) // 2
+            left = (width - self.resolution) // 2
+        box = (left, top, left + self.resolution, top + self.resolution)
+        flip = self.random_flip and random.random() < 0.5
+        tensors = []
+        for image in images:
+            image = image.crop(box)
+            if flip:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+            tensors.append(torch.from_numpy(array).permute(2, 0, 1))
+        return {
+            "pixel_values": torch.cat(tensors),
+            "original_size": torch.tensor(original_size),
+            "crop_top_left": torch.tensor((top, left)),
+        }
+
+    def _resize(self, image: Image.Image) -> Image.Image:
+        scale = self.resolution / min(image.size)
+        size = (
+            max(self.resolution, round(image.width * scale)),
+            max(self.resolution, round(image.height * scale)),
+        )
+        return image.resize(size, Image.Resampling.BILINEAR)
+
+
+class PreferencePairs(torch.utils.data.Dataset):
+    """Pairs as ``{"caption", "pixel_values" (6, H, W: winner then loser), ...}``.
+
+    An image that cannot be decoded makes the pair ``None``; the collator drops and counts it.
+    """
+
+    def __init__(self, dataset: Any, transform: PairTransform) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        row = self.dataset[index]
+        try:
+            image_0, image_1 = decode_image(row["jpg_0"]), decode_image(row["jpg_1"])
+        except Exception:  # noqa: BLE001 - any undecodable image is skipped and counted, never fatal
+            return None
+        winner, loser = (image_0, image_1) if row["label_0"] > TIE else (image_1, image_0)
+        caption = row["caption"] if isinstance(row["caption"], str) else ""
+        return {"caption": caption, **self.transform(winner, loser)}
+
+
+@dataclass
+class PreferenceCollator:
+    """Stacks pairs, drops undecodable ones (``num_skipped``), replaces captions by ``""`` with
+    probability ``proportion_empty_prompts`` and attaches one training timestep per pair drawn
+    from ``timestep_sampler`` (when given)."""
+
+    timestep_sampler: Any = None
+    proportion_empty_prompts: float = 0.0
+
+    def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+        pairs = [s for s in samples if s is not None]
+        batch: dict[str, Any] = {"num_skipped": len(samples) - len(pairs)}
+        if not pairs:
+            return {**batch, "caption": [], "pixel_values": torch.empty(0)}
+        batch["caption"] = [
+            "" if random.random() < self.proportion_empty_prompts else p["caption"] for p in pairs
+        ]
+        for key in ("pixel_values", "original_size", "crop_top_left"):
+            batch[key] = torch.stack([p[key] for p in pairs])
+        if self.timestep_sampler is not None:
+            batch["timesteps"] = self.timestep_sampler.sample(len(pairs))
+        return batch

@@ -1,0 +1,35 @@
+"""Loading pipeline components by hub id or local folder, with one clear line when it fails."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ModelLoadError(OSError):
+    """A model id or folder that could not be loaded (offline, misspelt, or missing a subfolder)."""
+
+
+def load_component(cls: Any, name_or_path: str, subfolder: str | None = None, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(name_or_path, subfolder=subfolder, **kwargs)``, as users call it.
+
+    ``None`` values in ``kwargs`` are dropped so each class keeps its own defaults. Failures raise
+    :class:`ModelLoadError` naming the id, the subfolder and the usual fixes.
+    """
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    where = f"{name_or_path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+    try:
+        component = cls.from_pretrained(name_or_path, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"could not load {cls.__name__} from {where}: {str(err).splitlines()[0]} {_FIX}"
+        ) from None
+    # transformers builds a tokenizer of special tokens only when its vocabulary files are missing.
+    if hasattr(component, "all_special_tokens") and len(component) <= len(set(component.all_special_tokens)):
+        raise ModelLoadError(f"could not load {cls.__name__} from {where}: no vocabulary files found. {_FIX}")
+    return component
+
+
+_FIX = (
+    "Check the id or path; without network access, download it first or point to a local folder "
+    "(HF_HUB_OFFLINE=1 uses the local cache only)."
+)

@@ -1,0 +1,469 @@
+"""``DiffusionDPOModule``: Diffusion-DPO with an updatable reference model (arXiv 2505.18736).
+
+One LightningModule holds the three models of METHOD.md: the policy ``theta`` (trained), the
+reference ``ref`` and the initial model ``init``.
+
+- LoRA (``lora_rank`` set): one UNet with the peft adapters ``policy`` and ``reference``; ``init``
+  is the same UNet with adapters disabled (see ``lora.py``).
+- Full fine-tuning: ``unet`` is the policy, ``reference_unet`` and ``initial_unet`` frozen copies.
+
+The reference is moved by the ``ReferenceModelUpdate`` callback through :meth:`update_reference`,
+:meth:`reset_reference` and :meth:`estimate_divergence`. Each training step follows the diffusers
+training examples: VAE latents, one noise and one timestep per pair shared by winner and loser,
+``x_t`` from the scheduler's ``add_noise``, and the scheduler's ``prediction_type`` target.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+
+from lightning_refdpo import lora
+from lightning_refdpo.hub import load_component
+from lightning_refdpo.losses import DEFAULT_IPO_TAU, LOSS_TYPES, implicit_reward_margin, preference_loss
+from lightning_refdpo.timesteps import reward_scale_schedule
+
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DiffusionDPOModule(LightningModule):
+    """Diffusion-DPO and its reference-update / timestep-aware variants for SD1.5-style models.
+
+    Args:
+        pretrained_model_name_or_path: hub id or local folder in the diffusers layout (``unet``,
+            ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``).
+        revision, variant: passed to every ``from_pretrained`` (e.g. ``variant="fp16"``).
+        loss_type: ``sigmoid`` (Diffusion-DPO), ``ipo``, ``hinge``, ``robust`` or ``sft``.
+        beta: KL strength of DPO on the margin ``h`` that keeps the 0.5 (5000 for SD1.5 and SDXL).
+        label_smoothing: conservative / robust DPO ``eps``.
+        ipo_tau: IPO regularization (``losses.DEFAULT_IPO_TAU``).
+        reward_scale: multiply ``h`` by ``lambda(t) = 1 + norm(1/sqrt(SNR(t)))`` (METHOD.md 3b).
+        lora_rank: ``None`` trains the full UNet; an int trains peft LoRA adapters of that rank.
+        lora_alpha: LoRA scaling numerator (default: ``lora_rank``).
+        lora_target_modules: UNet modules to adapt (default: the attention projections).
+        lora_dropout: dropout inside the policy adapter.
+        learning_rate: per-pair learning rate; with ``scale_lr`` it is multiplied by the effective
+            batch ``batch_size * accumulate_grad_batches * world_size`` (Diffusion-DPO: 1e-8 x 2048).
+        lr_scheduler, lr_warmup_steps: a ``diffusers.optimization.get_scheduler`` name and warm-up.
+        adam_*: AdamW settings (the Diffusion-DPO script's defaults).
+        frozen_dtype: dtype of the frozen reference/initial UNet copies in full fine-tuning
+            (``bfloat16`` halves their memory on GPU); ``None`` keeps the policy's dtype.
+        gradient_checkpointing: recompute UNet activations in the backward pass.
+        validation_seed: seed of the timesteps and noise of validation, fixed so epochs compare.
+    """
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str = "runwayml/stable-diffusion-v1-5",
+        revision: str | None = None,
+        variant: str | None = None,
+        loss_type: str = "sigmoid",
+        beta: float = 5000.0,
+        label_smoothing: float = 0.0,
+        ipo_tau: float = DEFAULT_IPO_TAU,
+        reward_scale: bool = False,
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
+        lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+        lora_dropout: float = 0.0,
+        learning_rate: float = 1e-8,
+        scale_lr: bool = True,
+        lr_scheduler: str = "constant_with_warmup",
+        lr_warmup_steps: int = 0,
+        adam_beta1: float = 0.9,
+        adam_beta2: float = 0.999,
+        adam_weight_decay: float = 1e-2,
+        adam_epsilon: float = 1e-8,
+        frozen_dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        validation_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_config(loss_type, beta, label_smoothing, ipo_tau, lora_rank, learning_rate, frozen_dtype)
+        self.save_hyperparameters()
+        self.load_components()
+        self.register_buffer(
+            "reward_scales", reward_scale_schedule(self.noise_scheduler.alphas_cumprod), persistent=False
+        )
+        self.vae.requires_grad_(False)
+        self.text_encoder.requires_grad_(False)
+        if self.uses_lora:
+            lora.add_policy_and_reference(
+                self.unet,
+                rank=lora_rank,
+                alpha=lora_alpha if lora_alpha is not None else lora_rank,
+                target_modules=lora_target_modules,
+                dropout=lora_dropout,
+            )
+        else:
+            dtype = _DTYPES[frozen_dtype] if frozen_dtype else None
+            self.reference_unet = _frozen_copy(self.unet, dtype)
+            self.initial_unet = _frozen_copy(self.unet, dtype)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.train()
+        # Frozen parts (VAE, text encoder, initial UNet, LoRA base weights) reload from the model id.
+        self.strict_loading = False
+
+    # ------------------------------------------------------------------ models
+    def load_components(self) -> None:
+        """Load the pipeline components by model id. Override to add components (SDXL)."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        kwargs = {"revision": self.hparams.revision}
+        weights = {**kwargs, "variant": self.hparams.variant}
+        path = self.hparams.pretrained_model_name_or_path
+        self.noise_scheduler = load_component(DDPMScheduler, path, "scheduler", **kwargs)
+        self.tokenizer = load_component(CLIPTokenizer, path, "tokenizer", **kwargs)
+        self.text_encoder = load_component(CLIPTextModel, path, "text_encoder", **weights)
+        self.vae = load_component(AutoencoderKL, path, "vae", **weights)
+        self.unet = load_component(UNet2DConditionModel, path, "unet", **weights)
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.hparams.lora_rank is not None
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        modules = [self.vae, self.text_encoder]
+        if not self.uses_lora:
+            modules += [self.reference_unet, self.initial_unet]
+        return modules
+
+    def train(self, mode: bool = True) -> DiffusionDPOModule:
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+    @contextmanager
+    def reference_model(self) -> Iterator[torch.nn.Module]:
+        """The reference UNet for a no-grad forward."""
+        if self.uses_lora:
+            with lora.use_adapter(self.unet, lora.REFERENCE):
+                yield self.unet
+        else:
+            yield self.reference_unet
+
+    @contextmanager
+    def initial_model(self) -> Iterator[torch.nn.Module]:
+        """The initial (pretrained) UNet for a no-grad forward."""
+        if self.uses_lora:
+            with lora.use_adapter(self.unet, None):
+                yield self.unet
+        else:
+            yield self.initial_unet
+
+    # ------------------------------------------------------------------ encoding
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """VAE latents ``z ~ q(z | x) * scaling_factor`` of images in ``[-1, 1]``."""
+        latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """UNet conditioning for ``captions``: ``{"encoder_hidden_states": ...}`` (one row each)."""
+        ids = self.tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return {"encoder_hidden_states": self.text_encoder(ids)[0]}
+
+    def encode_batch(
+        self, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Winner latents, loser latents and the prompt conditioning of a preference batch."""
+        pixels = batch["pixel_values"]
+        latents = self.encode_images(torch.cat([pixels[:, :3], pixels[:, 3:]]))
+        latents_w, latents_l = latents.chunk(2)
+        return latents_w, latents_l, self.encode_prompts(batch["caption"])
+
+    # ------------------------------------------------------------------ diffusion
+    def diffusion_target(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        raise ValueError(f"unsupported scheduler prediction_type {self.prediction_type!r}")
+
+    def predict(
+        self,
+        unet: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        dtype = next(unet.parameters()).dtype
+        cond = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in cond.items()}
+        return unet(noisy.to(dtype), timesteps, **cond).sample
+
+    def prediction_error(self, model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample ``mean ||target - pred||^2`` over latent elements (override to change it)."""
+        return (model_pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, target.ndim)))
+
+    def preference_step(
+        self, batch: dict[str, Any], timesteps: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Loss and figures of one preference batch at the given per-pair ``timesteps``.
+
+        The policy sees winners and losers in one batched forward, the reference in one no-grad
+        forward; both share ``t`` and the noise within a pair.
+        """
+        latents_w, latents_l, cond = self.encode_batch(batch)
+        latents = torch.cat([latents_w, latents_l])
+        if generator is None:
+            noise = torch.randn_like(latents_w)
+        else:
+            noise = torch.randn(latents_w.shape, generator=generator).to(latents_w)
+        noise = noise.repeat(2, 1, 1, 1)
+        timesteps = timesteps.to(self.device).repeat(2)
+        cond = {k: torch.cat([v, v]) for k, v in cond.items()}
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = self.diffusion_target(latents, noise, timesteps)
+
+        with torch.no_grad(), self.reference_model() as reference:
+            ref_mse_w, ref_mse_l = self.prediction_error(
+                self.predict(reference, noisy, timesteps, cond), target
+            ).chunk(2)
+        model_mse_w, model_mse_l = self.prediction_error(
+            self.predict(self.unet, noisy, timesteps, cond), target
+        ).chunk(2)
+
+        weights = self.reward_scales[timesteps[: len(model_mse_w)]] if self.hparams.reward_scale else None
+        losses = preference_loss(
+            model_mse_w,
+            model_mse_l,
+            ref_mse_w,
+            ref_mse_l,
+            beta=self.hparams.beta,
+            loss_type=self.hparams.loss_type,
+            weights=weights,
+            label_smoothing=self.hparams.label_smoothing,
+            ipo_tau=self.hparams.ipo_tau,
+        )
+        margin = implicit_reward_margin(model_mse_w, model_mse_l, ref_mse_w, ref_mse_l, weights).detach()
+        return {
+            "loss": losses.mean(),
+            "implicit_acc": (margin > 0).float().mean(),
+            "reward_margin": margin.mean(),
+            "mse_w": model_mse_w.detach().mean(),
+            "mse_l": model_mse_l.detach().mean(),
+            "ref_mse_w": ref_mse_w.mean(),
+            "ref_mse_l": ref_mse_l.mean(),
+        }
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str) -> None:
+        sampler = getattr(self.trainer.datamodule, "timestep_sampler", None) if self.trainer else None
+        num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
+        if sampler is not None and sampler.num_train_timesteps != num_train_timesteps:
+            raise ValueError(
+                f"data.timestep_sampler.num_train_timesteps is {sampler.num_train_timesteps} but the model's "
+                f"scheduler has {num_train_timesteps}; set data.init_args.timestep_sampler.init_args."
+                f"num_train_timesteps: {num_train_timesteps}"
+            )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if batch.get("num_skipped"):
+            self.log(
+                "train/skipped_pairs",
+                float(batch["num_skipped"]),
+                on_step=False,
+                on_epoch=True,
+                reduce_fx="sum",
+            )
+        if not batch["caption"]:
+            return None
+        out = self.preference_step(batch, batch["timesteps"])
+        self._log_figures("train", out, len(batch["caption"]), on_step=True)
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.hparams.validation_seed + batch_idx)
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_timesteps, (len(batch["caption"]),), generator=generator)
+        out = self.preference_step(batch, timesteps, generator=generator)
+        self._log_figures("val", out, len(batch["caption"]), on_step=False, sync_dist=True)
+        return out["loss"]
+
+    def _log_figures(self, stage: str, out: dict[str, torch.Tensor], batch_size: int, **kwargs: Any) -> None:
+        shown = ("loss", "implicit_acc")
+        for keys, prog_bar in ((shown, True), (out.keys() - set(shown), False)):
+            figures = {f"{stage}/{k}": out[k].detach() for k in keys}
+            self.log_dict(figures, batch_size=batch_size, on_epoch=True, prog_bar=prog_bar, **kwargs)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        from diffusers.optimization import get_scheduler
+
+        hp = self.hparams
+        lr = hp.learning_rate
+        if hp.scale_lr:
+            batch_size = getattr(self.trainer.datamodule, "train_batch_size", None)
+            if batch_size is None:
+                raise ValueError(
+                    "model.scale_lr needs the per-device batch size from a datamodule with `train_batch_size`; "
+                    "use PreferenceDataModule or set model.init_args.scale_lr: false"
+                )
+            lr *= batch_size * self.trainer.accumulate_grad_batches * self.trainer.world_size
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=lr,
+            betas=(hp.adam_beta1, hp.adam_beta2),
+            weight_decay=hp.adam_weight_decay,
+            eps=hp.adam_epsilon,
+        )
+        total = self.trainer.estimated_stepping_batches
+        scheduler = get_scheduler(
+            hp.lr_scheduler,
+            optimizer,
+            num_warmup_steps=hp.lr_warmup_steps,
+            num_training_steps=int(total) if math.isfinite(total) else None,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ reference model
+    @torch.no_grad()
+    def update_reference(self, alpha: float = 1.0) -> None:
+        """``ref <- (1 - alpha) ref + alpha theta``; ``alpha = 1`` is the hard copy of TR-DPO.
+
+        With LoRA only ``alpha = 1`` is exact (a mix of ``A`` and ``B`` factors is not the mix of
+        ``B @ A``), so any other value is refused.
+        """
+        if self.uses_lora:
+            if alpha != 1.0:
+                raise ValueError(
+                    f"a soft reference update (alpha={alpha}) is not exact with LoRA; use alpha=1.0"
+                )
+            lora.copy_adapter(self.unet, lora.POLICY, lora.REFERENCE)
+            return
+        for ref, policy in zip(self.reference_unet.parameters(), self.unet.parameters(), strict=True):
+            ref.lerp_(policy.to(ref.dtype), alpha)
+
+    @torch.no_grad()
+    def reset_reference(self) -> None:
+        """``ref <- init`` (the "Re-Init" ablation)."""
+        if self.uses_lora:
+            lora.zero_adapter(self.unet, lora.REFERENCE)
+        else:
+            self.reference_unet.load_state_dict(self.initial_unet.state_dict())
+
+    def reference_state(self) -> dict[str, torch.Tensor]:
+        """A detached copy of the reference weights (to undo a rejected soft update)."""
+        if self.uses_lora:
+            return {
+                k: p.detach().clone() for k, p in lora.adapter_parameters(self.unet, lora.REFERENCE).items()
+            }
+        return {k: v.detach().clone() for k, v in self.reference_unet.state_dict().items()}
+
+    @torch.no_grad()
+    def load_reference_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.uses_lora:
+            for key, p in lora.adapter_parameters(self.unet, lora.REFERENCE).items():
+                p.copy_(state[key])
+        else:
+            self.reference_unet.load_state_dict(state)
+
+    @torch.no_grad()
+    def estimate_divergence(
+        self,
+        batch: dict[str, Any],
+        num_samples: int,
+        candidate: str = "policy",
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """``D = mean(mse_cand(x^w) - mse_init(x^w))`` on ``num_samples`` winners of ``batch``.
+
+        The forward-process estimate of ``KL(p_cand || p_init)`` of arXiv 2505.18736 (Eq. 8) with
+        the constant timestep weighting of Diffusion-DPO; ``t ~ U{0..T-1}`` and the noise come from
+        ``generator``. ``candidate`` is ``"policy"`` or ``"reference"``.
+        """
+        n = min(num_samples, len(batch["caption"]))
+        latents, _, cond = self.encode_batch(
+            {k: v[:n] for k, v in batch.items() if k in ("pixel_values", "caption")}
+        )
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_timesteps, (n,), generator=generator).to(self.device)
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = self.diffusion_target(latents, noise, timesteps)
+        candidate_model = self.reference_model() if candidate == "reference" else nullcontext(self.unet)
+        with candidate_model as unet:
+            mse_candidate = self.prediction_error(self.predict(unet, noisy, timesteps, cond), target)
+        with self.initial_model() as unet:
+            mse_init = self.prediction_error(self.predict(unet, noisy, timesteps, cond), target)
+        return (mse_candidate - mse_init).mean()
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainable_and_reference_keys(self) -> list[str]:
+        """State-dict keys a checkpoint must hold: everything but the frozen, reloadable parts."""
+        keys = []
+        for key in self.state_dict():
+            if key.startswith(("vae.", "text_encoder.", "initial_unet.")):
+                continue
+            if self.uses_lora and key.startswith("unet.") and "lora_" not in key:
+                continue
+            keys.append(key)
+        return keys
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = set(self.trainable_and_reference_keys())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = [k for k in self.trainable_and_reference_keys() if k not in checkpoint["state_dict"]]
+        if missing:
+            raise KeyError(
+                f"checkpoint lacks {len(missing)} policy/reference weights (first: {missing[0]}); was it "
+                "written with the same lora_rank and lora_target_modules?"
+            )
+
+
+def _frozen_copy(module: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    frozen = copy.deepcopy(module).requires_grad_(False).eval()
+    return frozen.to(dtype) if dtype is not None else frozen
+
+
+def _check_config(
+    loss_type: str,
+    beta: float,
+    label_smoothing: float,
+    ipo_tau: float,
+    lora_rank: int | None,
+    learning_rate: float,
+    frozen_dtype: str | None,
+) -> None:
+    """Refuse impossible settings before any weights load."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"model.loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
+    if beta <= 0:
+        raise ValueError(f"model.beta must be > 0 (Diffusion-DPO uses 5000); got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"model.label_smoothing must be in [0, 0.5); got {label_smoothing}")
+    if ipo_tau <= 0:
+        raise ValueError(f"model.ipo_tau must be > 0; got {ipo_tau}")
+    if lora_rank is not None and lora_rank < 1:
+        raise ValueError(f"model.lora_rank must be >= 1, or null for full fine-tuning; got {lora_rank}")
+    if learning_rate <= 0:
+        raise ValueError(f"model.learning_rate must be > 0; got {learning_rate}")
+    if frozen_dtype is not None and frozen_dtype not in _DTYPES:
+        raise ValueError(
+            f"model.frozen_dtype must be one of {', '.join(_DTYPES)} or null; got {frozen_dtype!r}"
+        )

@@ -1,0 +1,184 @@
+"""Tiny Stable-Diffusion-shaped models and preference sets, built offline from configs.
+
+Nothing here is trained: it gives CPU tests, the tiny config and the benchmarks real diffusers /
+transformers components in the folder layout of ``runwayml/stable-diffusion-v1-5`` (``unet``,
+``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``, ``model_index.json``), loaded back with the
+same ``from_pretrained`` calls as the real model.
+
+    python -m lightning_refdpo.tiny .tiny      # writes .tiny/model and .tiny/data/{train,validation}.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """The reversible byte -> printable-character map of GPT-2/CLIP byte-level BPE."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes), strict=True))
+
+
+def save_byte_level_clip_tokenizer(path: str | Path, model_max_length: int = 77) -> Path:
+    """Write a valid ``CLIPTokenizer`` with no merges: one token per byte (and per final byte).
+
+    Vocabulary: 256 byte characters, the same with ``</w>``, then the two special tokens (514 ids).
+    """
+    from transformers import CLIPTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + list(SPECIAL_TOKENS)
+    (path / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(
+        str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=model_max_length
+    )
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_stable_diffusion(
+    path: str | Path,
+    *,
+    block_out_channels: tuple[int, ...] = (32, 64),
+    cross_attention_dim: int = 32,
+    model_max_length: int = 16,
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised SD1.5-shaped pipeline (VAE downsampling x2 per extra block)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    tokenizer_dir = save_byte_level_clip_tokenizer(path / "tokenizer", model_max_length)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cross_attention_dim,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
+def encode_image(image: Image.Image, format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def save_random_preference_set(
+    path: str | Path,
+    num_pairs: int = 32,
+    resolution: int = 32,
+    tie_fraction: float = 0.1,
+    seed: int = 0,
+) -> Path:
+    """Write a parquet file in the Pick-a-Pic v2 schema (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``)
+    with random images of ``resolution`` px; ``tie_fraction`` of the pairs are ties (``label_0 = 0.5``)."""
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    words = ["a", "red", "blue", "green", "cat", "dog", "house", "tree", "on", "the", "hill", "photo"]
+
+    def image() -> bytes:
+        pixels = rng.integers(0, 256, size=(resolution, resolution, 3), dtype=np.uint8)
+        return encode_image(Image.fromarray(pixels))
+
+    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}
+    for _ in range(num_pairs):
+        rows["caption"].append(" ".join(rng.choice(words, size=rng.integers(2, 6))))
+        rows["jpg_0"].append(image())
+        rows["jpg_1"].append(image())
+        rows["label_0"].append(0.5 if rng.random() < tie_fraction else float(rng.integers(0, 2)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(rows).to_parquet(str(path))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("output", type=Path, help="folder to write model/ and data/ into")
+    parser.add_argument("--num-pairs", type=int, default=64)
+    args = parser.parse_args()
+    save_tiny_stable_diffusion(args.output / "model")
+    save_random_preference_set(args.output / "data" / "train.parquet", num_pairs=args.num_pairs, seed=0)
+    save_random_preference_set(args.output / "data" / "validation.parquet", num_pairs=16, seed=1)
+    print(f"tiny model and preference set written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightning_refdpo.data import PairTransform, PreferenceCollator, PreferenceDataModule, PreferencePairs
+from lightning_refdpo.timesteps import DiscountedTimestepSampler
+from lightning_refdpo.tiny import encode_image
+
+
+def solid(colour, size=(40, 32)) -> bytes:
+    return encode_image(Image.new("RGB", size, colour))
+
+
+def write(tmp_path, rows, name="train.parquet") -> str:
+    path = tmp_path / name
+    datasets.Dataset.from_dict(rows).to_parquet(str(path))
+    return str(path)
+
+
+def datamodule(path: str, **kwargs) -> PreferenceDataModule:
+    kwargs = {
+        "resolution": 32,
+        "num_workers": 0,
+        "validation_split": None,
+        "proportion_empty_prompts": 0.0,
+        **kwargs,
+    }
+    return PreferenceDataModule(dataset_name="parquet", data_files={"train": path}, **kwargs)
+
+
+def test_winner_first_and_ties_dropped(tmp_path):
+    white, black = solid("white"), solid("black")
+    path = write(
+        tmp_path,
+        {
+            "caption": ["a", "b", "tie"],
+            "jpg_0": [white, black, white],
+            "jpg_1": [black, white, black],
+            "label_0": [1.0, 0.0, 0.5],
+        },
+    )
+    dm = datamodule(path, train_batch_size=2, random_flip=False)
+    dm.setup("fit")
+    assert len(dm.splits["train"]) == 2
+    for i in range(2):
+        pair = dm.splits["train"][i]
+        assert pair["pixel_values"].shape == (6, 32, 32)
+        assert torch.all(pair["pixel_values"][:3] == 1.0) and torch.all(pair["pixel_values"][3:] == -1.0)
+
+
+def test_batches_carry_sampled_timesteps(tiny_data):
+    dm = PreferenceDataModule(
+        dataset_name="parquet",
+        data_files=tiny_data,
+        resolution=32,
+        num_workers=0,
+        train_batch_size=4,
+        timestep_sampler=DiscountedTimestepSampler(1000, gamma=0.5, num_bins=10),
+    )
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pixel_values"].shape == (4, 6, 32, 32)
+    assert batch["timesteps"].dtype == torch.long and batch["timesteps"].shape == (4,)
+    assert "timesteps" not in next(iter(dm.val_dataloader()))
+
+
+def test_same_crop_and_flip_for_winner_and_loser():
+    gradient = np.tile(np.arange(48, dtype=np.uint8)[None, :, None] * 5, (32, 1, 3))
+    image = Image.fromarray(gradient)
+    transform = PairTransform(resolution=32, random_crop=True, random_flip=True)
+    for _ in range(10):
+        out = transform(image, image.copy())
+        torch.testing.assert_close(out["pixel_values"][:3], out["pixel_values"][3:])
+    assert out["original_size"].tolist() == [32, 48]
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    good = solid("red")
+    path = write(
+        tmp_path,
+        {
+            "caption": ["ok", "bad", "ok"],
+            "jpg_0": [good, b"not an image", good],
+            "jpg_1": [good, good, good],
+            "label_0": [1.0, 1.0, 0.0],
+        },
+    )
+    dm = datamodule(path, train_batch_size=3)
+    dm.setup("fit")
+    collate = PreferenceCollator()
+    batch = collate([dm.splits["train"][i] for i in range(3)])
+    assert batch["num_skipped"] == 1 and batch["pixel_values"].shape[0] == 2
+    assert collate([None, None])["num_skipped"] == 2
+
+
+def test_caption_dropout():
+    pairs = [
+        {
+            "caption": "x",
+            "pixel_values": torch.zeros(6, 8, 8),
+            "original_size": torch.zeros(2),
+            "crop_top_left": torch.zeros(2),
+        }
+    ] * 200
+    captions = PreferenceCollator(proportion_empty_prompts=0.2)(pairs)["caption"]
+    assert 20 < captions.count("") < 60
+
+
+def test_missing_column_is_named(tmp_path):
+    path = write(tmp_path, {"caption": ["a"], "jpg_0": [solid("red")], "label_0": [1.0]})
+    with pytest.raises(ValueError, match="lacks column\\(s\\) jpg_1"):
+        datamodule(path).setup("fit")
+
+
+def test_wrong_label_type_is_named(tmp_path):
+    path = write(
+        tmp_path, {"caption": ["a"], "jpg_0": [solid("red")], "jpg_1": [solid("red")], "label_0": ["yes"]}
+    )
+    with pytest.raises(ValueError, match="label_0 .* must be numeric"):
+        datamodule(path).setup("fit")
+
+
+def test_all_ties_refused(tmp_path):
+    path = write(
+        tmp_path, {"caption": ["a"], "jpg_0": [solid("red")], "jpg_1": [solid("red")], "label_0": [0.5]}
+    )
+    with pytest.raises(ValueError, match="every pair .* is a tie"):
+        datamodule(path).setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"resolution": 30}, "resolution"),
+        ({"proportion_empty_prompts": 1.5}, "proportion_empty_prompts"),
+        ({"train_batch_size": 0}, "train_batch_size"),
+    ],
+)
+def test_invalid_options_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PreferenceDataModule(**kwargs)
+
+
+def test_image_cells_in_every_layout(tmp_path):
+    from lightning_refdpo.data.preference import decode_image
+
+    raw = solid("blue")
+    file = tmp_path / "x.png"
+    file.write_bytes(raw)
+    for cell in (
+        raw,
+        {"bytes": raw, "path": None},
+        {"bytes": None, "path": str(file)},
+        str(file),
+        Image.new("L", (4, 4)),
+    ):
+        assert decode_image(cell).mode == "RGB"
+
+
+def test_pairs_dataset_len(tmp_path):
+    path = write(
+        tmp_path, {"caption": ["a"], "jpg_0": [solid("red")], "jpg_1": [solid("red")], "label_0": [1]}
+    )
+    assert (
+        len(
+            PreferencePairs(
+                datasets.load_dataset("parquet", data_files=path, split="train"), PairTransform(32)
+            )
+        )
+        == 1
+    )

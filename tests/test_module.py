@@ -1,0 +1,197 @@
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+
+from lightning_refdpo import DiffusionDPOModule, lora
+from lightning_refdpo.hub import ModelLoadError
+from tests.helpers import make_batch, make_module
+
+
+def merged_unet_state(module, adapter: str) -> dict[str, torch.Tensor]:
+    """The full UNet weights W + scale * B @ A of one LoRA adapter, in the plain UNet's key layout."""
+    unet = module.unet
+    state = {}
+    for name, sub in unet.named_modules():
+        if isinstance(sub, LoraLayer):
+            state[f"{name}.weight"] = sub.base_layer.weight + sub.get_delta_weight(adapter)
+            if sub.base_layer.bias is not None:
+                state[f"{name}.bias"] = sub.base_layer.bias
+    for key, value in unet.state_dict().items():
+        if "lora_" in key:
+            continue
+        plain = key.replace(".base_layer.", ".")
+        state.setdefault(plain, value)
+    return state
+
+
+def randomize_adapter(module, name, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora.adapter_parameters(module.unet, name).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_lora_reference_adapter_and_full_copy_give_the_same_loss(tiny_model):
+    lora_module = make_module(tiny_model, lora_rank=4, reward_scale=True)
+    randomize_adapter(lora_module, lora.POLICY, 1)
+    randomize_adapter(lora_module, lora.REFERENCE, 2)
+    full_module = make_module(tiny_model, reward_scale=True)
+    full_module.unet.load_state_dict(merged_unet_state(lora_module, lora.POLICY))
+    full_module.reference_unet.load_state_dict(merged_unet_state(lora_module, lora.REFERENCE))
+
+    batch = make_batch()
+    torch.manual_seed(0)
+    out_lora = lora_module.preference_step(
+        batch, batch["timesteps"], generator=torch.Generator().manual_seed(5)
+    )
+    torch.manual_seed(0)
+    out_full = full_module.preference_step(
+        batch, batch["timesteps"], generator=torch.Generator().manual_seed(5)
+    )
+    for key in ("loss", "reward_margin", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l"):
+        torch.testing.assert_close(out_lora[key], out_full[key], rtol=1e-4, atol=1e-5)
+    assert out_lora["ref_mse_w"] != out_lora["mse_w"]
+
+
+def test_lora_initial_model_is_adapters_disabled(tiny_model):
+    module = make_module(tiny_model, lora_rank=4)
+    randomize_adapter(module, lora.POLICY, 1)
+    full = make_module(tiny_model)
+    batch = make_batch()
+    torch.manual_seed(0)
+    d_lora = module.estimate_divergence(batch, 2, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    full.unet.load_state_dict(merged_unet_state(module, lora.POLICY))
+    d_full = full.estimate_divergence(batch, 2, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(d_lora, d_full, rtol=1e-4, atol=1e-6)
+    assert d_lora != 0
+
+
+def test_only_the_policy_adapter_trains_and_flags_survive_adapter_switches(tiny_model):
+    module = make_module(tiny_model, lora_rank=4)
+    trainable = {k for k, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all(".policy." in k for k in trainable)
+    batch = make_batch()
+    out = module.preference_step(batch, batch["timesteps"])
+    out["loss"].backward()
+    module.estimate_divergence(batch, 2)
+    assert {k for k, p in module.named_parameters() if p.requires_grad} == trainable
+    grads = [p.grad for k, p in module.named_parameters() if k in trainable]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for k, p in module.named_parameters() if ".reference." in k)
+
+
+def test_full_finetuning_copies_are_frozen_and_independent(tiny_model):
+    module = make_module(tiny_model)
+    assert not any(p.requires_grad for p in module.reference_unet.parameters())
+    assert not any(p.requires_grad for p in module.initial_unet.parameters())
+    for a, b in zip(module.unet.parameters(), module.reference_unet.parameters(), strict=True):
+        assert a.data_ptr() != b.data_ptr()
+    module.train()
+    assert module.unet.training and not module.reference_unet.training and not module.vae.training
+
+
+def test_at_start_policy_equals_reference_so_margin_is_zero(tiny_model):
+    for kwargs in ({}, {"lora_rank": 2}):
+        out = make_module(tiny_model, **kwargs).preference_step(make_batch(), make_batch()["timesteps"])
+        assert out["reward_margin"].item() == pytest.approx(0.0, abs=1e-7)
+        assert out["loss"].item() == pytest.approx(0.6931, abs=1e-3)
+
+
+def test_v_prediction_target(tiny_v_model):
+    module = make_module(tiny_v_model)
+    assert module.prediction_type == "v_prediction"
+    latents, noise, t = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16), torch.tensor([10, 900])
+    torch.testing.assert_close(
+        module.diffusion_target(latents, noise, t), module.noise_scheduler.get_velocity(latents, noise, t)
+    )
+    out = module.preference_step(make_batch(), make_batch()["timesteps"])
+    assert torch.isfinite(out["loss"])
+
+
+def test_reward_scale_is_applied(tiny_model):
+    module = make_module(tiny_model, reward_scale=True)
+    assert module.reward_scales[0].item() == pytest.approx(1.0) and module.reward_scales[
+        -1
+    ].item() == pytest.approx(2.0)
+
+
+def test_subclass_overrides_prediction_error(tiny_model):
+    class L1DPO(DiffusionDPOModule):
+        def prediction_error(self, model_pred, target):
+            return (model_pred - target).abs().mean(dim=(1, 2, 3))
+
+    module = L1DPO(pretrained_model_name_or_path=tiny_model, scale_lr=False)
+    batch = make_batch()
+    torch.manual_seed(0)
+    out = module.preference_step(batch, batch["timesteps"], generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    base = make_module(tiny_model).preference_step(
+        batch, batch["timesteps"], generator=torch.Generator().manual_seed(0)
+    )
+    assert out["mse_w"] != base["mse_w"]
+
+
+def test_reference_update_and_reset(tiny_model):
+    for kwargs in ({}, {"lora_rank": 2}):
+        module = make_module(tiny_model, **kwargs)
+        if module.uses_lora:
+            randomize_adapter(module, lora.POLICY, 3)
+        else:
+            with torch.no_grad():
+                for p in module.unet.parameters():
+                    p.add_(0.01)
+        batch = make_batch()
+        module.update_reference()
+        torch.manual_seed(0)
+        out = module.preference_step(batch, batch["timesteps"], generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out["ref_mse_w"], out["mse_w"])
+        module.reset_reference()
+        d_ref = module.estimate_divergence(
+            batch, 2, candidate="reference", generator=torch.Generator().manual_seed(0)
+        )
+        assert d_ref.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_soft_update_refused_with_lora_and_exact_for_full(tiny_model):
+    with pytest.raises(ValueError, match="not exact with LoRA"):
+        make_module(tiny_model, lora_rank=2).update_reference(alpha=0.5)
+    module = make_module(tiny_model)
+    before = [p.clone() for p in module.reference_unet.parameters()]
+    with torch.no_grad():
+        for p in module.unet.parameters():
+            p.add_(1.0)
+    module.update_reference(alpha=0.25)
+    for ref, old, policy in zip(
+        module.reference_unet.parameters(), before, module.unet.parameters(), strict=True
+    ):
+        torch.testing.assert_close(ref, 0.75 * old + 0.25 * policy)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loss_type": "kto"}, "model.loss_type"),
+        ({"beta": 0.0}, "model.beta"),
+        ({"lora_rank": 0}, "model.lora_rank"),
+        ({"frozen_dtype": "int8"}, "model.frozen_dtype"),
+        ({"label_smoothing": 0.6}, "model.label_smoothing"),
+    ],
+)
+def test_bad_config_refused_before_loading(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DiffusionDPOModule(pretrained_model_name_or_path="/does/not/exist", **kwargs)
+
+
+def test_unloadable_model_id_is_one_clear_error():
+    with pytest.raises(ModelLoadError, match="could not load DDPMScheduler from 'nobody/no-such-model'"):
+        DiffusionDPOModule(pretrained_model_name_or_path="nobody/no-such-model")
+
+
+def test_missing_tokenizer_files_are_refused(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from lightning_refdpo.hub import load_component
+
+    with pytest.raises(ModelLoadError, match="no vocabulary files"):
+        load_component(CLIPTokenizer, str(tmp_path), "tokenizer")
