@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -28,6 +29,9 @@ from lightning_refdpo import lora
 from lightning_refdpo.hub import load_component
 from lightning_refdpo.losses import DEFAULT_IPO_TAU, LOSS_TYPES, implicit_reward_margin, preference_loss
 from lightning_refdpo.timesteps import reward_scale_schedule
+
+# The frozen VAE, text encoder and UNet copies stay in eval mode on purpose (see ``train``).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,0 +1,34 @@
+# One virtual environment in .venv; every target sets it up first if needed.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+BIN := $(VENV)/bin
+# Without a GPU, install the CPU build of torch first; with one, let pip choose the CUDA build.
+TORCH_CPU ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install test demo lint tiny-assets clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PYTHON) -m pip install -q "$(TORCH_CPU)"; fi
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: install
+	$(PYTHON) -m pytest -q
+
+tiny-assets: install
+	test -f .tiny/model/model_index.json || $(PYTHON) -m lightning_refdpo.tiny .tiny
+
+demo: tiny-assets
+	$(BIN)/lightning-refdpo fit --config configs/tiny.yaml
+
+lint: install
+	$(BIN)/ruff check lightning_refdpo tests
+	$(BIN)/ruff format --check lightning_refdpo tests
+
+clean:
+	rm -rf .tiny outputs lightning_logs

@@ -1,0 +1,133 @@
+import math
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+
+from lightning_refdpo import PreferenceDataModule, ReferenceModelUpdate, lora
+from tests.helpers import make_module
+
+
+class RecordReference(Callback):
+    """After ReferenceModelUpdate in the callback list: snapshot policy and reference each step."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.uses_lora:
+            policy = lora.adapter_parameters(pl_module.unet, lora.POLICY)
+            reference = lora.adapter_parameters(pl_module.unet, lora.REFERENCE)
+        else:
+            policy = dict(pl_module.unet.named_parameters())
+            reference = dict(pl_module.reference_unet.named_parameters())
+        self.steps.append(
+            {
+                "step": trainer.global_step,
+                "policy": {k: v.detach().clone() for k, v in policy.items()},
+                "reference": {k: v.detach().clone() for k, v in reference.items()},
+            }
+        )
+
+
+def same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def fit(model_path, data, callback, max_steps=6, divergence=None, **module_kwargs):
+    record = RecordReference()
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        callbacks=[callback, record],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    module = make_module(model_path, **module_kwargs)
+    if divergence is not None:
+        module.estimate_divergence = lambda *args, **kwargs: torch.tensor(divergence)
+    dm = PreferenceDataModule(dataset_name="parquet", data_files=data, resolution=32, num_workers=0, train_batch_size=2)
+    trainer.fit(module, dm)
+    return module, record.steps
+
+
+@pytest.mark.parametrize("module_kwargs", [{}, {"lora_rank": 2}], ids=["full", "lora"])
+def test_reference_equals_policy_after_update_and_is_fixed_between(tiny_model, tiny_data, module_kwargs):
+    callback = ReferenceModelUpdate(every_n_steps=2, max_divergence=None)
+    _, steps = fit(tiny_model, tiny_data, callback, **module_kwargs)
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
+    for prev, s in zip(steps, steps[1:], strict=False):
+        if s["step"] % 2 == 0:
+            assert same(s["reference"], s["policy"]), "reference must equal the policy right after an update"
+        else:
+            assert same(s["reference"], prev["reference"]), "reference must stay fixed between updates"
+            assert not same(s["reference"], s["policy"])
+    assert callback.num_updates == 3 and not callback.frozen and math.isfinite(callback.last_divergence)
+
+
+def test_divergence_above_delta_freezes(tiny_model, tiny_data):
+    callback = ReferenceModelUpdate(every_n_steps=2, max_divergence=0.005)
+    module, steps = fit(tiny_model, tiny_data, callback, divergence=0.0051)
+    assert callback.last_divergence == pytest.approx(0.0051) and callback.frozen and callback.num_updates == 0
+    initial = {k: v for k, v in module.initial_unet.named_parameters()}
+    for s in steps:
+        assert same(s["reference"], initial), "a frozen reference never moves"
+    assert callback.last_event_step == 2
+
+
+def test_divergence_above_delta_reinits(tiny_model, tiny_data):
+    callback = ReferenceModelUpdate(every_n_steps=2, max_divergence=0.005, on_exceed="reinit")
+    module, steps = fit(tiny_model, tiny_data, callback, divergence=0.0051, lora_rank=2)
+    assert not callback.frozen and callback.num_reinits == 3 and callback.num_updates == 0
+    for s in steps:
+        assert all(torch.count_nonzero(v) == 0 for k, v in s["reference"].items() if ".lora_B." in k)
+
+
+def test_soft_update_is_kept_or_undone_by_the_cap(tiny_model, tiny_data):
+    kept = ReferenceModelUpdate(every_n_steps=3, alpha=0.5, max_divergence=None)
+    _, steps = fit(tiny_model, tiny_data, kept, max_steps=3)
+    before, after = steps[1], steps[2]
+    for k, ref in after["reference"].items():
+        torch.testing.assert_close(ref, 0.5 * before["reference"][k] + 0.5 * after["policy"][k])
+    undone = ReferenceModelUpdate(every_n_steps=3, alpha=0.5, max_divergence=0.005)
+    _, steps = fit(tiny_model, tiny_data, undone, max_steps=3, divergence=1.0)
+    assert undone.frozen and same(steps[2]["reference"], steps[1]["reference"])
+
+
+def test_divergence_at_delta_updates(tiny_model, tiny_data):
+    callback = ReferenceModelUpdate(every_n_steps=2, max_divergence=0.005)
+    fit(tiny_model, tiny_data, callback, divergence=0.005)
+    assert callback.num_updates == 3 and not callback.frozen
+
+
+def test_lora_soft_update_refused_at_setup(tiny_model, tiny_data):
+    with pytest.raises(ValueError, match="alpha=0.5 is a soft update"):
+        fit(tiny_model, tiny_data, ReferenceModelUpdate(alpha=0.5), lora_rank=2)
+
+
+def test_state_round_trip():
+    callback = ReferenceModelUpdate(seed=3)
+    callback.num_updates, callback.frozen, callback.last_divergence, callback.last_event_step = 4, True, 0.01, 128
+    torch.rand(3, generator=callback.generator)
+    restored = ReferenceModelUpdate()
+    restored.load_state_dict(callback.state_dict())
+    assert restored.state_dict()["num_updates"] == 4 and restored.frozen and restored.last_event_step == 128
+    assert torch.equal(torch.rand(2, generator=restored.generator), torch.rand(2, generator=callback.generator))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every_n_steps": -1}, "every_n_steps"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"max_divergence": -0.1}, "max_divergence"),
+        ({"on_exceed": "stop"}, "on_exceed"),
+        ({"divergence_samples": 0}, "divergence_samples"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ReferenceModelUpdate(**kwargs)
