@@ -26,7 +26,14 @@ def test_fit_tiny_config_end_to_end_and_resume(tiny_model, tiny_data, tmp_path):
     trainer = cli.trainer
     assert trainer.global_step == 4
     metrics = trainer.callback_metrics
-    for key in ("train/loss", "train/implicit_acc", "train/reward_margin", "train/mse_w", "train/ref_mse_l", "val/implicit_acc"):
+    for key in (
+        "train/loss",
+        "train/implicit_acc",
+        "train/reward_margin",
+        "train/mse_w",
+        "train/ref_mse_l",
+        "val/implicit_acc",
+    ):
         assert key in metrics and torch.isfinite(metrics[key]), key
     assert "ref/divergence" in metrics and "ref/frozen" in metrics
 
@@ -38,16 +45,37 @@ def test_fit_tiny_config_end_to_end_and_resume(tiny_model, tiny_data, tmp_path):
     callback_state = next(v for k, v in checkpoint["callbacks"].items() if "ReferenceModelUpdate" in k)
     assert callback_state["last_event_step"] == 4
 
-    resumed = main(["fit", *tiny_args(tiny_model, tiny_data, tmp_path / "resumed", "--trainer.max_steps=6", f"--ckpt_path={ckpt_path}")])
+    resumed = main(
+        [
+            "fit",
+            *tiny_args(
+                tiny_model,
+                tiny_data,
+                tmp_path / "resumed",
+                "--trainer.max_steps=6",
+                f"--ckpt_path={ckpt_path}",
+            ),
+        ]
+    )
     assert resumed.trainer.global_step == 6
     update = next(c for c in resumed.trainer.callbacks if type(c).__name__ == "ReferenceModelUpdate")
     assert update.last_event_step == 6 and update.num_updates + int(update.frozen) >= 1
 
 
 def test_fit_lora(tiny_model, tiny_data, tmp_path):
-    cli = main(["fit", *tiny_args(tiny_model, tiny_data, tmp_path, "--trainer.max_steps=4", "--model.init_args.lora_rank=2")])
+    cli = main(
+        [
+            "fit",
+            *tiny_args(
+                tiny_model, tiny_data, tmp_path, "--trainer.max_steps=4", "--model.init_args.lora_rank=2"
+            ),
+        ]
+    )
     assert cli.trainer.global_step == 4
-    checkpoint = torch.load(cli.trainer.checkpoint_callback.last_model_path or cli.trainer.checkpoint_callback.best_model_path, weights_only=False)
+    checkpoint = torch.load(
+        cli.trainer.checkpoint_callback.last_model_path or cli.trainer.checkpoint_callback.best_model_path,
+        weights_only=False,
+    )
     assert all("lora_" in k for k in checkpoint["state_dict"])
 
 

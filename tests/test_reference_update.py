@@ -49,7 +49,9 @@ def fit(model_path, data, callback, max_steps=6, divergence=None, **module_kwarg
     module = make_module(model_path, **module_kwargs)
     if divergence is not None:
         module.estimate_divergence = lambda *args, **kwargs: torch.tensor(divergence)
-    dm = PreferenceDataModule(dataset_name="parquet", data_files=data, resolution=32, num_workers=0, train_batch_size=2)
+    dm = PreferenceDataModule(
+        dataset_name="parquet", data_files=data, resolution=32, num_workers=0, train_batch_size=2
+    )
     trainer.fit(module, dm)
     return module, record.steps
 
@@ -110,12 +112,19 @@ def test_lora_soft_update_refused_at_setup(tiny_model, tiny_data):
 
 def test_state_round_trip():
     callback = ReferenceModelUpdate(seed=3)
-    callback.num_updates, callback.frozen, callback.last_divergence, callback.last_event_step = 4, True, 0.01, 128
+    callback.num_updates, callback.frozen, callback.last_divergence, callback.last_event_step = (
+        4,
+        True,
+        0.01,
+        128,
+    )
     torch.rand(3, generator=callback.generator)
     restored = ReferenceModelUpdate()
     restored.load_state_dict(callback.state_dict())
     assert restored.state_dict()["num_updates"] == 4 and restored.frozen and restored.last_event_step == 128
-    assert torch.equal(torch.rand(2, generator=restored.generator), torch.rand(2, generator=callback.generator))
+    assert torch.equal(
+        torch.rand(2, generator=restored.generator), torch.rand(2, generator=callback.generator)
+    )
 
 
 @pytest.mark.parametrize(
