@@ -1,5 +1,22 @@
 """Reward scorers as torchmetrics ``Metric`` objects, one file each."""
 
-from lightning_refdpo.metrics.base import RewardScore, to_float_images
+from lightning_refdpo.metrics.aesthetic import AestheticScore
+from lightning_refdpo.metrics.base import RewardScore, to_float_images, to_pil_images
+from lightning_refdpo.metrics.clip_score import CLIPScore
+from lightning_refdpo.metrics.hpsv2 import HPSv2
+from lightning_refdpo.metrics.image_reward import ImageReward
+from lightning_refdpo.metrics.pickscore import PickScore
+from lightning_refdpo.metrics.win_rate import WinRate, win_rate
 
-__all__ = ["RewardScore", "to_float_images"]
+__all__ = [
+    "AestheticScore",
+    "CLIPScore",
+    "HPSv2",
+    "ImageReward",
+    "PickScore",
+    "RewardScore",
+    "WinRate",
+    "to_float_images",
+    "to_pil_images",
+    "win_rate",
+]

@@ -1,0 +1,77 @@
+"""Human Preference Score v2 / v2.1 (Wu et al., 2023, "Human Preference Score v2", arXiv 2306.09341)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lightning_refdpo.metrics._hub import hub_file
+from lightning_refdpo.metrics.base import RewardScore, freeze, to_pil_images
+
+#: checkpoint file of each HPS version in the hub repo ``xswu/HPSv2`` (``hps_version_map`` of the hpsv2 package)
+HPS_CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
+
+
+def _import_open_clip() -> Any:
+    try:
+        import open_clip
+    except ImportError as err:
+        raise ImportError(
+            "HPSv2 needs open_clip; install the extra: pip install 'lightning-refdpo[hpsv2]' (package open_clip_torch)"
+        ) from err
+    return open_clip
+
+
+class HPSv2(RewardScore):
+    r"""HPS v2 / v2.1: an open_clip ViT-H-14 fine-tuned on human preference pairs (HPD v2).
+
+    .. math:: \mathrm{HPS}(x, c) = \cos(E_I(x), E_T(c))
+
+    the diagonal of ``image_features @ text_features.T`` of the unit-norm open_clip features, as
+    ``hpsv2.score`` reports it (https://github.com/tgxs002/HPSv2, ``img_score.py``; typical values
+    are around 0.25-0.30). As there, the architecture is built without pretrained weights, the
+    checkpoint's ``state_dict`` is loaded into it, images go through open_clip's validation
+    transform as 8-bit PIL images and prompts through the architecture's open_clip tokenizer. The
+    model runs in float32 here, where ``hpsv2`` uses CUDA autocast.
+
+    Needs ``open_clip`` (``pip install 'lightning-refdpo[hpsv2]'``).
+
+    Args:
+        version: ``"v2.1"`` (default) or ``"v2.0"``; picks the checkpoint file in ``repo_id``.
+        checkpoint_path: local path of an HPS checkpoint (a dict with a ``state_dict``); when
+            ``None`` it is fetched from the hub.
+        architecture: open_clip model name the checkpoint belongs to (default ``ViT-H-14``).
+        repo_id: hub repo holding the checkpoints (default ``xswu/HPSv2``).
+        kwargs: passed to :class:`torchmetrics.Metric`.
+    """
+
+    def __init__(
+        self,
+        version: str = "v2.1",
+        checkpoint_path: str | None = None,
+        architecture: str = "ViT-H-14",
+        repo_id: str = "xswu/HPSv2",
+        **kwargs: Any,
+    ) -> None:
+        if version not in HPS_CHECKPOINTS:
+            raise ValueError(f"unknown HPS version {version!r}; choose one of {sorted(HPS_CHECKPOINTS)}")
+        open_clip = _import_open_clip()
+        super().__init__(**kwargs)
+        if checkpoint_path is None:
+            checkpoint_path = hub_file(
+                repo_id, HPS_CHECKPOINTS[version], what="HPS checkpoint", argument="checkpoint_path"
+            )
+        model, _, self.preprocess = open_clip.create_model_and_transforms(architecture, pretrained=None)
+        model.load_state_dict(
+            torch.load(checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]
+        )
+        self.model = freeze(model)
+        self.tokenizer = open_clip.get_tokenizer(architecture)
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        pixels = torch.stack([self.preprocess(image) for image in to_pil_images(images)]).to(self.device)
+        image_features = self.model.encode_image(pixels, normalize=True)
+        text_features = self.model.encode_text(self.tokenizer(list(prompts)).to(self.device), normalize=True)
+        return (image_features * text_features).sum(-1)

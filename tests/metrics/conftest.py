@@ -1,0 +1,79 @@
+"""Tiny, randomly initialized reward-model assets saved to disk, so scorers load them the way users load real ones."""
+
+from __future__ import annotations
+
+import json
+
+import huggingface_hub.constants
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+IMAGE_SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may reach the Hugging Face hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny CLIP (width 32, 2 layers, 32 px images, patch 8) with a byte-level CLIP tokenizer, in one folder."""
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    characters = list(bytes_to_unicode().values())
+    vocab = characters + [c + "</w>" for c in characters] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")  # no merges: every character is its own token
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+
+    torch.manual_seed(0)
+    layers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    text_config = {
+        **layers,
+        "vocab_size": len(vocab),
+        "max_position_embeddings": 77,
+        "bos_token_id": len(vocab) - 2,
+        "eos_token_id": len(vocab) - 1,
+        "pad_token_id": len(vocab) - 1,
+    }
+    vision_config = {**layers, "image_size": IMAGE_SIZE, "patch_size": 8}
+    config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def images() -> torch.Tensor:
+    """Four random uint8 images, not square and larger than the models' input, so resizing and cropping matter."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (4, 3, 40, 52), dtype=torch.uint8, generator=generator)
+
+
+@pytest.fixture(scope="session")
+def prompts() -> list[str]:
+    return ["a photo of a cat", "an oil painting of a lighthouse at dusk", "a red cube", "two dogs playing"]
+
+
+@pytest.fixture(scope="session")
+def pil_images(images: torch.Tensor) -> list[Image.Image]:
+    """The same images as PIL, the input the reference scorers take."""
+    return [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
+
+
+@pytest.fixture(scope="session")
+def clip_reference(clip_dir: str, pil_images: list[Image.Image], prompts: list[str]):
+    """``CLIPModel.forward`` on the PIL images and prompts, as the reference scorers call it."""
+    model = CLIPModel.from_pretrained(clip_dir).eval()
+    processor = CLIPProcessor.from_pretrained(clip_dir)
+    inputs = processor(text=prompts, images=pil_images, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**inputs)
