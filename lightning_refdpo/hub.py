@@ -15,10 +15,10 @@ def load_component(cls: Any, name_or_path: str, subfolder: str | None = None, **
     ``None`` values in ``kwargs`` are dropped so each class keeps its own defaults. Failures raise
     :class:`ModelLoadError` naming the id, the subfolder and the usual fixes.
     """
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs = {k: v for k, v in {**kwargs, "subfolder": subfolder}.items() if v is not None}
     where = f"{name_or_path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
     try:
-        component = cls.from_pretrained(name_or_path, subfolder=subfolder, **kwargs)
+        component = cls.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelLoadError(
             f"could not load {cls.__name__} from {where}: {str(err).splitlines()[0]} {_FIX}"

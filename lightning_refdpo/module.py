@@ -34,6 +34,7 @@ from lightning_refdpo.timesteps import reward_scale_schedule
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+ATTENTION = ("sdpa", "xformers", "eager")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -60,6 +61,10 @@ class DiffusionDPOModule(LightningModule):
         frozen_dtype: dtype of the frozen reference/initial UNet copies in full fine-tuning
             (``bfloat16`` halves their memory on GPU); ``None`` keeps the policy's dtype.
         gradient_checkpointing: recompute UNet activations in the backward pass.
+        attention: UNet attention processor: ``sdpa`` (PyTorch scaled-dot-product attention, which
+            picks flash / memory-efficient kernels on GPU), ``xformers`` or ``eager``.
+        channels_last: UNets in channels-last memory format (faster convolutions on recent GPUs).
+        compile_unet: ``torch.compile`` the UNets (``nn.Module.compile``: state-dict keys unchanged).
         validation_seed: seed of the timesteps and noise of validation, fixed so epochs compare.
     """
 
@@ -87,10 +92,15 @@ class DiffusionDPOModule(LightningModule):
         adam_epsilon: float = 1e-8,
         frozen_dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        attention: str = "sdpa",
+        channels_last: bool = False,
+        compile_unet: bool = False,
         validation_seed: int = 0,
     ) -> None:
         super().__init__()
-        _check_config(loss_type, beta, label_smoothing, ipo_tau, lora_rank, learning_rate, frozen_dtype)
+        _check_config(
+            loss_type, beta, label_smoothing, ipo_tau, lora_rank, learning_rate, frozen_dtype, attention
+        )
         self.save_hyperparameters()
         self.load_components()
         self.register_buffer(
@@ -112,6 +122,8 @@ class DiffusionDPOModule(LightningModule):
             self.initial_unet = _frozen_copy(self.unet, dtype)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        for unet in self.unets():
+            _configure_unet(unet, attention, channels_last, compile_unet)
         self.train()
         # Frozen parts (VAE, text encoder, initial UNet, LoRA base weights) reload from the model id.
         self.strict_loading = False
@@ -138,6 +150,10 @@ class DiffusionDPOModule(LightningModule):
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
+
+    def unets(self) -> list[torch.nn.Module]:
+        """Every distinct UNet held: the policy, and in full fine-tuning the two frozen copies."""
+        return [self.unet] if self.uses_lora else [self.unet, self.reference_unet, self.initial_unet]
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         modules = [self.vae, self.text_encoder]
@@ -169,12 +185,37 @@ class DiffusionDPOModule(LightningModule):
         else:
             yield self.initial_unet
 
+    def build_pipeline(self, unet: torch.nn.Module | None = None) -> Any:
+        """A diffusers ``StableDiffusionPipeline`` over this module's components and ``unet``
+        (default: the policy; pass the UNet of :meth:`initial_model` for the base model)."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet if unet is None else unet,
+            scheduler=type(self.noise_scheduler).from_config(self.noise_scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
     # ------------------------------------------------------------------ encoding
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """VAE latents ``z ~ q(z | x) * scaling_factor`` of images in ``[-1, 1]``."""
-        latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
-        return latents * self.vae.config.scaling_factor
+    def latent_distribution(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the VAE posterior ``q(z | x)`` of images in ``[-1, 1]`` (what the latent
+        cache stores)."""
+        dist = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+        return dist.mean, dist.std
+
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """``z = (mean + std * eps) * scaling_factor``, the draw of ``latent_dist.sample()``, shared
+        by cached and uncached training so both consume the RNG alike."""
+        # randn_like would copy the strides of the VAE's non-contiguous ``mean`` view and place the
+        # same draws differently from a cached (contiguous) mean.
+        eps = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
+        return (mean + std * eps) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -191,11 +232,18 @@ class DiffusionDPOModule(LightningModule):
     def encode_batch(
         self, batch: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Winner latents, loser latents and the prompt conditioning of a preference batch."""
-        pixels = batch["pixel_values"]
-        latents = self.encode_images(torch.cat([pixels[:, :3], pixels[:, 3:]]))
-        latents_w, latents_l = latents.chunk(2)
-        return latents_w, latents_l, self.encode_prompts(batch["caption"])
+        """Winner latents, loser latents and the prompt conditioning of a preference batch, from
+        pixels and captions or from a latent cache (``latents_mean_w``, ..., ``encoder_hidden_states``)."""
+        if "latents_mean_w" in batch:
+            mean = torch.cat([batch["latents_mean_w"], batch["latents_mean_l"]])
+            std = torch.cat([batch["latents_std_w"], batch["latents_std_l"]])
+            cond = {"encoder_hidden_states": batch["encoder_hidden_states"]}
+        else:
+            pixels = batch["pixel_values"]
+            mean, std = self.latent_distribution(torch.cat([pixels[:, :3], pixels[:, 3:]]))
+            cond = self.encode_prompts(batch["caption"])
+        latents_w, latents_l = self.sample_latents(mean, std).chunk(2)
+        return latents_w, latents_l, cond
 
     # ------------------------------------------------------------------ diffusion
     def diffusion_target(
@@ -225,10 +273,11 @@ class DiffusionDPOModule(LightningModule):
     def preference_step(
         self, batch: dict[str, Any], timesteps: torch.Tensor, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
-        """Loss and figures of one preference batch at the given per-pair ``timesteps``.
+        """Per-pair loss, margin ``h`` and prediction errors of a preference batch at ``timesteps``.
 
         The policy sees winners and losers in one batched forward, the reference in one no-grad
-        forward; both share ``t`` and the noise within a pair.
+        forward; both share ``t`` and the noise within a pair. Noise comes from ``generator`` when
+        given (validation, analysis), else from the global RNG.
         """
         latents_w, latents_l, cond = self.encode_batch(batch)
         latents = torch.cat([latents_w, latents_l])
@@ -262,16 +311,24 @@ class DiffusionDPOModule(LightningModule):
             label_smoothing=self.hparams.label_smoothing,
             ipo_tau=self.hparams.ipo_tau,
         )
-        margin = implicit_reward_margin(model_mse_w, model_mse_l, ref_mse_w, ref_mse_l, weights).detach()
         return {
-            "loss": losses.mean(),
-            "implicit_acc": (margin > 0).float().mean(),
-            "reward_margin": margin.mean(),
-            "mse_w": model_mse_w.detach().mean(),
-            "mse_l": model_mse_l.detach().mean(),
-            "ref_mse_w": ref_mse_w.mean(),
-            "ref_mse_l": ref_mse_l.mean(),
+            "loss": losses,
+            "reward_margin": implicit_reward_margin(
+                model_mse_w, model_mse_l, ref_mse_w, ref_mse_l, weights
+            ).detach(),
+            "mse_w": model_mse_w.detach(),
+            "mse_l": model_mse_l.detach(),
+            "ref_mse_w": ref_mse_w,
+            "ref_mse_l": ref_mse_l,
         }
+
+    @staticmethod
+    def summarize(per_pair: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Batch means of :meth:`preference_step` (the loss averaged *after* the log-sigmoid) and
+        the implicit accuracy ``mean(h > 0)``."""
+        figures = {k: v.mean() for k, v in per_pair.items()}
+        figures["implicit_acc"] = (per_pair["reward_margin"] > 0).float().mean()
+        return figures
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
@@ -295,7 +352,7 @@ class DiffusionDPOModule(LightningModule):
             )
         if not batch["caption"]:
             return None
-        out = self.preference_step(batch, batch["timesteps"])
+        out = self.summarize(self.preference_step(batch, batch["timesteps"]))
         self._log_figures("train", out, len(batch["caption"]), on_step=True)
         return out["loss"]
 
@@ -303,7 +360,7 @@ class DiffusionDPOModule(LightningModule):
         generator = torch.Generator().manual_seed(self.hparams.validation_seed + batch_idx)
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, num_timesteps, (len(batch["caption"]),), generator=generator)
-        out = self.preference_step(batch, timesteps, generator=generator)
+        out = self.summarize(self.preference_step(batch, timesteps, generator=generator))
         self._log_figures("val", out, len(batch["caption"]), on_step=False, sync_dist=True)
         return out["loss"]
 
@@ -400,9 +457,8 @@ class DiffusionDPOModule(LightningModule):
         ``generator``. ``candidate`` is ``"policy"`` or ``"reference"``.
         """
         n = min(num_samples, len(batch["caption"]))
-        latents, _, cond = self.encode_batch(
-            {k: v[:n] for k, v in batch.items() if k in ("pixel_values", "caption")}
-        )
+        subset = {k: v[:n] for k, v in batch.items() if isinstance(v, torch.Tensor | list)}
+        latents, _, cond = self.encode_batch(subset)
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, num_timesteps, (n,), generator=generator).to(self.device)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
@@ -453,6 +509,7 @@ def _check_config(
     lora_rank: int | None,
     learning_rate: float,
     frozen_dtype: str | None,
+    attention: str,
 ) -> None:
     """Refuse impossible settings before any weights load."""
     if loss_type not in LOSS_TYPES:
@@ -471,3 +528,18 @@ def _check_config(
         raise ValueError(
             f"model.frozen_dtype must be one of {', '.join(_DTYPES)} or null; got {frozen_dtype!r}"
         )
+    if attention not in ATTENTION:
+        raise ValueError(f"model.attention must be one of {', '.join(ATTENTION)}; got {attention!r}")
+
+
+def _configure_unet(unet: torch.nn.Module, attention: str, channels_last: bool, compile_unet: bool) -> None:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        unet.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if compile_unet:
+        unet.compile()

@@ -64,8 +64,17 @@ def save_tiny_stable_diffusion(
     model_max_length: int = 16,
     prediction_type: str = "epsilon",
     seed: int = 0,
+    vae_block_out_channels: tuple[int, ...] = (16, 32),
+    resolution: int = 32,
+    layers_per_block: int = 1,
+    text_layers: int = 2,
+    text_intermediate_size: int = 64,
 ) -> Path:
-    """Save a randomly initialised SD1.5-shaped pipeline (VAE downsampling x2 per extra block)."""
+    """Save a randomly initialised SD1.5-shaped pipeline (VAE downsampling x2 per extra block).
+
+    The UNet's ``sample_size`` is the latent side ``resolution / 2 ** (len(vae_block_out_channels) - 1)``;
+    the text encoder has ``text_layers`` layers of width ``cross_attention_dim``.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -73,11 +82,11 @@ def save_tiny_stable_diffusion(
     torch.manual_seed(seed)
     n = len(block_out_channels)
     unet = UNet2DConditionModel(
-        sample_size=16,
+        sample_size=resolution // 2 ** (len(vae_block_out_channels) - 1),
         in_channels=4,
         out_channels=4,
         block_out_channels=block_out_channels,
-        layers_per_block=1,
+        layers_per_block=layers_per_block,
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
         cross_attention_dim=cross_attention_dim,
@@ -87,12 +96,12 @@ def save_tiny_stable_diffusion(
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=vae_block_out_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_block_out_channels),
         latent_channels=4,
         norm_num_groups=8,
-        sample_size=32,
+        sample_size=resolution,
     )
     tokenizer_dir = save_byte_level_clip_tokenizer(path / "tokenizer", model_max_length)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
@@ -100,8 +109,8 @@ def save_tiny_stable_diffusion(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
             hidden_size=cross_attention_dim,
-            intermediate_size=64,
-            num_hidden_layers=2,
+            intermediate_size=text_intermediate_size,
+            num_hidden_layers=text_layers,
             num_attention_heads=4,
             max_position_embeddings=model_max_length,
             bos_token_id=tokenizer.bos_token_id,

@@ -48,9 +48,11 @@ def test_lora_reference_adapter_and_full_copy_give_the_same_loss(tiny_model):
     out_full = full_module.preference_step(
         batch, batch["timesteps"], generator=torch.Generator().manual_seed(5)
     )
-    for key in ("loss", "reward_margin", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l"):
-        torch.testing.assert_close(out_lora[key], out_full[key], rtol=1e-4, atol=1e-5)
-    assert out_lora["ref_mse_w"] != out_lora["mse_w"]
+    for key in ("mse_w", "mse_l", "ref_mse_w", "ref_mse_l", "reward_margin"):
+        torch.testing.assert_close(out_lora[key], out_full[key], rtol=1e-4, atol=1e-6)
+    # beta = 5000 magnifies the float32 rounding of W + BA against x W + (x A) B.
+    torch.testing.assert_close(out_lora["loss"], out_full["loss"], rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(out_lora["ref_mse_w"], out_lora["mse_w"])
 
 
 def test_lora_initial_model_is_adapters_disabled(tiny_model):
@@ -73,7 +75,7 @@ def test_only_the_policy_adapter_trains_and_flags_survive_adapter_switches(tiny_
     assert trainable and all(".policy." in k for k in trainable)
     batch = make_batch()
     out = module.preference_step(batch, batch["timesteps"])
-    out["loss"].backward()
+    out["loss"].mean().backward()
     module.estimate_divergence(batch, 2)
     assert {k for k, p in module.named_parameters() if p.requires_grad} == trainable
     grads = [p.grad for k, p in module.named_parameters() if k in trainable]
@@ -93,7 +95,8 @@ def test_full_finetuning_copies_are_frozen_and_independent(tiny_model):
 
 def test_at_start_policy_equals_reference_so_margin_is_zero(tiny_model):
     for kwargs in ({}, {"lora_rank": 2}):
-        out = make_module(tiny_model, **kwargs).preference_step(make_batch(), make_batch()["timesteps"])
+        module = make_module(tiny_model, **kwargs)
+        out = module.summarize(module.preference_step(make_batch(), make_batch()["timesteps"]))
         assert out["reward_margin"].item() == pytest.approx(0.0, abs=1e-7)
         assert out["loss"].item() == pytest.approx(0.6931, abs=1e-3)
 
@@ -106,7 +109,7 @@ def test_v_prediction_target(tiny_v_model):
         module.diffusion_target(latents, noise, t), module.noise_scheduler.get_velocity(latents, noise, t)
     )
     out = module.preference_step(make_batch(), make_batch()["timesteps"])
-    assert torch.isfinite(out["loss"])
+    assert torch.isfinite(out["loss"]).all()
 
 
 def test_reward_scale_is_applied(tiny_model):
@@ -129,7 +132,7 @@ def test_subclass_overrides_prediction_error(tiny_model):
     base = make_module(tiny_model).preference_step(
         batch, batch["timesteps"], generator=torch.Generator().manual_seed(0)
     )
-    assert out["mse_w"] != base["mse_w"]
+    assert not torch.allclose(out["mse_w"], base["mse_w"])
 
 
 def test_reference_update_and_reset(tiny_model):

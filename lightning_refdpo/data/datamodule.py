@@ -8,6 +8,7 @@ import datasets
 import torch
 from lightning.pytorch import LightningDataModule
 
+from lightning_refdpo.data.latent_cache import CachedPreferenceCollator, load_empty_prompt, load_latent_split
 from lightning_refdpo.data.preference import (
     PairTransform,
     PreferenceCollator,
@@ -38,6 +39,8 @@ class PreferenceDataModule(LightningDataModule):
         timestep_sampler: draws the training timesteps (default ``UniformTimestepSampler(1000)``).
         train_batch_size: pairs per device and step; val_batch_size: pairs per validation step.
         num_workers, pin_memory: ``DataLoader`` options.
+        latent_cache: a folder written by ``lightning-refdpo cache``: train from cached VAE
+            posteriors and text embeddings instead of images (see ``data/latent_cache.py``).
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class PreferenceDataModule(LightningDataModule):
         val_batch_size: int = 4,
         num_workers: int = 4,
         pin_memory: bool = True,
+        latent_cache: str | None = None,
     ) -> None:
         super().__init__()
         if resolution < 8 or resolution % 8:
@@ -74,9 +78,10 @@ class PreferenceDataModule(LightningDataModule):
         self.save_hyperparameters(ignore=["timestep_sampler"])
         self.timestep_sampler = timestep_sampler or UniformTimestepSampler(1000)
         self.train_batch_size = train_batch_size
-        self.splits: dict[str, PreferencePairs] = {}
+        self.splits: dict[str, Any] = {}
 
-    def _load(self, split: str, limit: int | None, transform: PairTransform) -> PreferencePairs:
+    def load_pairs(self, split: str, limit: int | None, transform: PairTransform) -> PreferencePairs:
+        """The preference pairs of ``split`` (schema checked, ties dropped, first ``limit`` kept)."""
         hp = self.hparams
         dataset = datasets.load_dataset(
             hp.dataset_name,
@@ -94,26 +99,42 @@ class PreferenceDataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
-        if stage == "fit" and "train" not in self.splits:
-            transform = PairTransform(hp.resolution, hp.random_crop, hp.random_flip)
-            self.splits["train"] = self._load(hp.train_split, hp.max_train_samples, transform)
-        if stage in ("fit", "validate") and hp.validation_split and "validation" not in self.splits:
-            transform = PairTransform(hp.resolution, random_crop=False, random_flip=False)
-            self.splits["validation"] = self._load(hp.validation_split, hp.max_validation_samples, transform)
+        wanted = {
+            "train": stage == "fit",
+            "validation": stage in ("fit", "validate") and bool(hp.validation_split),
+        }
+        for name in (n for n, needed in wanted.items() if needed and n not in self.splits):
+            if hp.latent_cache:
+                self.splits[name] = load_latent_split(hp.latent_cache, name)
+            elif name == "train":
+                transform = PairTransform(hp.resolution, hp.random_crop, hp.random_flip)
+                self.splits[name] = self.load_pairs(hp.train_split, hp.max_train_samples, transform)
+            else:
+                transform = PairTransform(hp.resolution, random_crop=False, random_flip=False)
+                self.splits[name] = self.load_pairs(hp.validation_split, hp.max_validation_samples, transform)
+
+    def collator(self, train: bool) -> PreferenceCollator | CachedPreferenceCollator:
+        """The batch collator: timesteps and caption dropout for training only."""
+        sampler = self.timestep_sampler if train else None
+        dropout = self.hparams.proportion_empty_prompts if train else 0.0
+        if self.hparams.latent_cache:
+            return CachedPreferenceCollator(load_empty_prompt(self.hparams.latent_cache), sampler, dropout)
+        return PreferenceCollator(sampler, dropout)
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        collate = PreferenceCollator(self.timestep_sampler, self.hparams.proportion_empty_prompts)
-        return self._loader(self.splits["train"], self.train_batch_size, collate, shuffle=True)
+        return self._loader(
+            self.splits["train"], self.train_batch_size, self.collator(train=True), shuffle=True
+        )
 
     def val_dataloader(self) -> torch.utils.data.DataLoader | list:
         if "validation" not in self.splits:
             return []
         return self._loader(
-            self.splits["validation"], self.hparams.val_batch_size, PreferenceCollator(), shuffle=False
+            self.splits["validation"], self.hparams.val_batch_size, self.collator(train=False), shuffle=False
         )
 
     def _loader(
-        self, dataset: PreferencePairs, batch_size: int, collate: Any, shuffle: bool
+        self, dataset: Any, batch_size: int, collate: Any, shuffle: bool
     ) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
             dataset,
