@@ -5,6 +5,7 @@ from lightning_refdpo.callbacks import ReferenceModelUpdate
 from lightning_refdpo.data import PreferenceDataModule
 from lightning_refdpo.losses import implicit_reward_margin, preference_loss
 from lightning_refdpo.module import DiffusionDPOModule
+from lightning_refdpo.sdxl import StableDiffusionXLDPOModule
 from lightning_refdpo.timesteps import (
     DiscountedTimestepSampler,
     TimestepSampler,
@@ -17,6 +18,7 @@ __all__ = [
     "DiscountedTimestepSampler",
     "PreferenceDataModule",
     "ReferenceModelUpdate",
+    "StableDiffusionXLDPOModule",
     "TimestepSampler",
     "UniformTimestepSampler",
     "implicit_reward_margin",

@@ -1,8 +1,10 @@
-"""``lightning-refdpo``: LightningCLI (``fit``, ``validate``, ``test``, ``predict``) plus ``evaluate``.
+"""``lightning-refdpo``: LightningCLI (``fit``, ``validate``, ``test``, ``predict``) plus ``cache``,
+``evaluate`` and ``export``.
 
     lightning-refdpo fit --config configs/sd15_refdpo.yaml
     lightning-refdpo fit --config configs/tiny.yaml --trainer.max_steps 4
     lightning-refdpo evaluate outputs/.../last.ckpt --prompt_sets '[pickapic_v2_test, partiprompts, hpdv2]'
+    lightning-refdpo export --ckpt_path outputs/.../last.ckpt --output exports/refdpo [--pipeline true]
 
 Model and data are given by ``class_path`` so a subclass from another project plugs in unchanged.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_refdpo.data import PreferenceDataModule
@@ -28,7 +31,13 @@ def main(args: list[str] | None = None) -> LightningCLI | dict:
         from lightning_refdpo.evaluation import evaluate_model
 
         return CLI(evaluate_model, args=argv[1:])
-    return LightningCLI(
+    if argv[:1] == ["export"]:
+        from jsonargparse import CLI
+
+        from lightning_refdpo.export import export_checkpoint
+
+        return CLI(export_checkpoint, args=argv[1:], as_positional=False)
+    return RefDPOCLI(
         DiffusionDPOModule,
         PreferenceDataModule,
         subclass_mode_model=True,
@@ -36,6 +45,18 @@ def main(args: list[str] | None = None) -> LightningCLI | dict:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+class RefDPOCLI(LightningCLI):
+    """``LightningCLI`` whose ``fit`` also checkpoints an interrupted run (Ctrl-C, SIGTERM, an error
+    such as ``NonFiniteLossError``) to ``<default_root_dir>/on_exception.ckpt`` with Lightning's
+    ``OnExceptionCheckpoint``; continue it with ``--ckpt_path``. On SLURM, Lightning's own
+    ``SLURMEnvironment`` (auto-detected, ``auto_requeue``) saves and requeues on the SIGUSR1 that
+    ``scripts/slurm/refdpo.sbatch`` asks for."""
+
+    def before_fit(self) -> None:
+        if not any(isinstance(c, OnExceptionCheckpoint) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(OnExceptionCheckpoint(self.trainer.default_root_dir))
 
 
 def cache_command(argv: list[str]) -> str:

@@ -133,17 +133,14 @@ def log_image(trainer, tag: str, image: Image.Image, step: int) -> Path:
 
 def load_pipeline(model: str, device: str) -> tuple[object, object | None]:
     """A pipeline for ``model``: a Lightning checkpoint (the policy; the initial model comes back as
-    the second value) or a diffusers pipeline folder / hub id (second value ``None``)."""
+    the second value), an export folder of ``lightning-refdpo export`` or a diffusers pipeline
+    folder / hub id (second value ``None``)."""
+    from lightning_refdpo.export import load_module, pipeline_from_export
+
     if model.endswith(".ckpt"):
-        from lightning_refdpo.module import DiffusionDPOModule
-
-        module = DiffusionDPOModule.load_from_checkpoint(model, map_location="cpu").to(device).eval()
+        module = load_module(model).to(device)
         return module.build_pipeline(), module
-    from diffusers import DiffusionPipeline
-
-    from lightning_refdpo.hub import load_component
-
-    return load_component(DiffusionPipeline, model).to(device), None
+    return pipeline_from_export(model).to(device), None
 
 
 def paper_scorers() -> list[RewardScore]:

@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from lightning_refdpo import lora
+from lightning_refdpo.data.draws import LATENT_STREAM, NOISE_STREAM, pair_normal
 from lightning_refdpo.hub import load_component
 from lightning_refdpo.losses import DEFAULT_IPO_TAU, LOSS_TYPES, implicit_reward_margin, preference_loss
 from lightning_refdpo.timesteps import reward_scale_schedule
@@ -45,6 +46,9 @@ class DiffusionDPOModule(LightningModule):
         pretrained_model_name_or_path: hub id or local folder in the diffusers layout (``unet``,
             ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``).
         revision, variant: passed to every ``from_pretrained`` (e.g. ``variant="fp16"``).
+        vae_name_or_path: a VAE to use instead of the model's own (a hub id or folder holding an
+            ``AutoencoderKL``), e.g. ``madebyollin/sdxl-vae-fp16-fix``, the SDXL VAE that does not
+            overflow in fp16; ``None`` keeps the model's ``vae`` subfolder.
         loss_type: ``sigmoid`` (Diffusion-DPO), ``ipo``, ``hinge``, ``robust`` or ``sft``.
         beta: KL strength of DPO on the margin ``h`` that keeps the 0.5 (5000 for SD1.5 and SDXL).
         label_smoothing: conservative / robust DPO ``eps``.
@@ -66,6 +70,9 @@ class DiffusionDPOModule(LightningModule):
         channels_last: UNets in channels-last memory format (faster convolutions on recent GPUs).
         compile_unet: ``torch.compile`` the UNets (``nn.Module.compile``: state-dict keys unchanged).
         validation_seed: seed of the timesteps and noise of validation, fixed so epochs compare.
+        max_nonfinite_steps: a step whose loss is NaN or infinite on any rank is skipped on every
+            rank (no update) and counted in ``train/nonfinite_steps``; this many in a row stop the
+            run with :class:`NonFiniteLossError` (``OnExceptionCheckpoint`` then saves a checkpoint).
     """
 
     def __init__(
@@ -73,6 +80,7 @@ class DiffusionDPOModule(LightningModule):
         pretrained_model_name_or_path: str = "runwayml/stable-diffusion-v1-5",
         revision: str | None = None,
         variant: str | None = None,
+        vae_name_or_path: str | None = None,
         loss_type: str = "sigmoid",
         beta: float = 5000.0,
         label_smoothing: float = 0.0,
@@ -96,8 +104,11 @@ class DiffusionDPOModule(LightningModule):
         channels_last: bool = False,
         compile_unet: bool = False,
         validation_seed: int = 0,
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"model.max_nonfinite_steps must be >= 1; got {max_nonfinite_steps}")
         _check_config(
             loss_type, beta, label_smoothing, ipo_tau, lora_rank, learning_rate, frozen_dtype, attention
         )
@@ -124,6 +135,8 @@ class DiffusionDPOModule(LightningModule):
             self.unet.enable_gradient_checkpointing()
         for unet in self.unets():
             _configure_unet(unet, attention, channels_last, compile_unet)
+        self.nonfinite_steps = 0
+        self.nonfinite_in_a_row = 0
         self.train()
         # Frozen parts (VAE, text encoder, initial UNet, LoRA base weights) reload from the model id.
         self.strict_loading = False
@@ -140,7 +153,10 @@ class DiffusionDPOModule(LightningModule):
         self.noise_scheduler = load_component(DDPMScheduler, path, "scheduler", **kwargs)
         self.tokenizer = load_component(CLIPTokenizer, path, "tokenizer", **kwargs)
         self.text_encoder = load_component(CLIPTextModel, path, "text_encoder", **weights)
-        self.vae = load_component(AutoencoderKL, path, "vae", **weights)
+        if self.hparams.vae_name_or_path:
+            self.vae = load_component(AutoencoderKL, self.hparams.vae_name_or_path)
+        else:
+            self.vae = load_component(AutoencoderKL, path, "vae", **weights)
         self.unet = load_component(UNet2DConditionModel, path, "unet", **weights)
 
     @property
@@ -209,25 +225,36 @@ class DiffusionDPOModule(LightningModule):
         dist = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
         return dist.mean, dist.std
 
-    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    def sample_latents(
+        self, mean: torch.Tensor, std: torch.Tensor, noise_seeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``z = (mean + std * eps) * scaling_factor``, the draw of ``latent_dist.sample()``, shared
-        by cached and uncached training so both consume the RNG alike."""
-        # randn_like would copy the strides of the VAE's non-contiguous ``mean`` view and place the
-        # same draws differently from a cached (contiguous) mean.
-        eps = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
+        by cached and uncached training so both consume the RNG alike. ``mean`` holds the winners,
+        then the losers; with ``noise_seeds`` (training) pair ``i`` draws its winner's and loser's
+        ``eps`` from its own seed (``data/draws.py``), else ``eps`` comes from the global RNG."""
+        if noise_seeds is None:
+            # randn_like would copy the strides of the VAE's non-contiguous ``mean`` view and place
+            # the same draws differently from a cached (contiguous) mean.
+            eps = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
+        else:
+            eps = pair_normal(noise_seeds, LATENT_STREAM, (2, *mean.shape[1:])).transpose(0, 1)
+            eps = eps.reshape(mean.shape).to(mean)
         return (mean + std * eps) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         """UNet conditioning for ``captions``: ``{"encoder_hidden_states": ...}`` (one row each)."""
-        ids = self.tokenizer(
+        return {"encoder_hidden_states": self.text_encoder(self.token_ids(self.tokenizer, captions))[0]}
+
+    def token_ids(self, tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
+        """``captions`` tokenized, padded and truncated to the tokenizer's ``model_max_length``."""
+        return tokenizer(
             list(captions),
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        return {"encoder_hidden_states": self.text_encoder(ids)[0]}
 
     def encode_batch(
         self, batch: dict[str, Any]
@@ -242,7 +269,7 @@ class DiffusionDPOModule(LightningModule):
             pixels = batch["pixel_values"]
             mean, std = self.latent_distribution(torch.cat([pixels[:, :3], pixels[:, 3:]]))
             cond = self.encode_prompts(batch["caption"])
-        latents_w, latents_l = self.sample_latents(mean, std).chunk(2)
+        latents_w, latents_l = self.sample_latents(mean, std, batch.get("noise_seeds")).chunk(2)
         return latents_w, latents_l, cond
 
     # ------------------------------------------------------------------ diffusion
@@ -277,14 +304,17 @@ class DiffusionDPOModule(LightningModule):
 
         The policy sees winners and losers in one batched forward, the reference in one no-grad
         forward; both share ``t`` and the noise within a pair. Noise comes from ``generator`` when
-        given (validation, analysis), else from the global RNG.
+        given (validation, analysis), else from each pair's ``noise_seeds`` (training batches, see
+        ``data/draws.py``), else from the global RNG.
         """
         latents_w, latents_l, cond = self.encode_batch(batch)
         latents = torch.cat([latents_w, latents_l])
-        if generator is None:
-            noise = torch.randn_like(latents_w)
-        else:
+        if generator is not None:
             noise = torch.randn(latents_w.shape, generator=generator).to(latents_w)
+        elif "noise_seeds" in batch:
+            noise = pair_normal(batch["noise_seeds"], NOISE_STREAM, latents_w.shape[1:]).to(latents_w)
+        else:
+            noise = torch.randn_like(latents_w)
         noise = noise.repeat(2, 1, 1, 1)
         timesteps = timesteps.to(self.device).repeat(2)
         cond = {k: torch.cat([v, v]) for k, v in cond.items()}
@@ -341,6 +371,25 @@ class DiffusionDPOModule(LightningModule):
                 f"num_train_timesteps: {num_train_timesteps}"
             )
 
+    def on_fit_start(self) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy) and self.uses_lora:
+            raise ValueError(
+                "model.lora_rank with FSDPStrategy is not supported (the policy and reference adapters "
+                "share FSDP units, so the reference update cannot copy shard to shard); LoRA adapters "
+                "are small: use trainer.strategy: ddp"
+            )
+        if self.uses_lora:
+            return
+        pairs = zip(self.reference_unet.parameters(), self.unet.parameters(), strict=True)
+        if any(ref.shape != policy.shape for ref, policy in pairs):
+            raise ValueError(
+                "the reference UNet is sharded unlike the policy UNet; with FSDPStrategy add "
+                "diffusers.UNet2DConditionModel to trainer.strategy.init_args.auto_wrap_policy (see "
+                "configs/sdxl_refdpo_fsdp.yaml)"
+            )
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if batch.get("num_skipped"):
             self.log(
@@ -350,11 +399,36 @@ class DiffusionDPOModule(LightningModule):
                 on_epoch=True,
                 reduce_fx="sum",
             )
-        if not batch["caption"]:
+        if self.on_any_rank(not batch["caption"]):  # all pairs undecodable: every rank skips, as DDP needs
             return None
         out = self.summarize(self.preference_step(batch, batch["timesteps"]))
-        self._log_figures("train", out, len(batch["caption"]), on_step=True)
+        if self.skip_nonfinite(out["loss"]):
+            return None
+        self._log_figures("train", out, len(batch["caption"]), on_step=True, sync_dist=True)
         return out["loss"]
+
+    def skip_nonfinite(self, loss: torch.Tensor) -> bool:
+        """Whether to skip this step: the loss is non-finite on at least one rank (decided on the
+        count summed over ranks, so every rank skips together). Raises after
+        ``max_nonfinite_steps`` skipped steps in a row."""
+        if not self.on_any_rank(~torch.isfinite(loss.detach())):
+            self.nonfinite_in_a_row = 0
+            return False
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
+        if self.nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"the loss was NaN or infinite in {self.nonfinite_in_a_row} training steps in a row (step "
+                f"{self.global_step}); stopping. Lower model.learning_rate or model.beta, check the data, or "
+                "use frozen_dtype/precision with more range (bf16 or fp32)."
+            )
+        return True
+
+    def on_any_rank(self, flag: bool | torch.Tensor) -> bool:
+        """Whether ``flag`` holds on at least one rank: one value summed over ranks, the same on all."""
+        flag = torch.as_tensor(flag, dtype=torch.float32, device=self.device)
+        return float(self.trainer.strategy.reduce(flag, reduce_op="sum")) > 0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.hparams.validation_seed + batch_idx)
@@ -484,6 +558,9 @@ class DiffusionDPOModule(LightningModule):
         return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint["rng_states"] = _torch_rng_states()
+        checkpoint["nonfinite_steps"] = (self.nonfinite_steps, self.nonfinite_in_a_row)
         keep = set(self.trainable_and_reference_keys())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
@@ -494,6 +571,25 @@ class DiffusionDPOModule(LightningModule):
                 f"checkpoint lacks {len(missing)} policy/reference weights (first: {missing[0]}); was it "
                 "written with the same lora_rank and lora_target_modules?"
             )
+        if "rng_states" in checkpoint and self._trainer is not None:  # resuming a fit
+            torch.set_rng_state(checkpoint["rng_states"]["torch"])
+            if checkpoint["rng_states"]["torch.cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(checkpoint["rng_states"]["torch.cuda"])
+            self.nonfinite_steps, self.nonfinite_in_a_row = checkpoint["nonfinite_steps"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``max_nonfinite_steps`` training steps in a row had a NaN or infinite loss."""
+
+
+def _torch_rng_states() -> dict[str, Any]:
+    """The global torch CPU and CUDA generator states, as tensors (a checkpoint that Lightning's
+    ``weights_only`` loading accepts). The data draws no global randomness (``data/draws.py``);
+    these cover what the model draws from it, e.g. LoRA dropout."""
+    return {
+        "torch": torch.get_rng_state(),
+        "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def _frozen_copy(module: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:

@@ -56,6 +56,66 @@ def save_byte_level_clip_tokenizer(path: str | Path, model_max_length: int = 77)
     return path
 
 
+def _unet_kwargs(block_out_channels: tuple[int, ...], latent_size: int, layers_per_block: int) -> dict:
+    n = len(block_out_channels)
+    return {
+        "sample_size": latent_size,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": block_out_channels,
+        "layers_per_block": layers_per_block,
+        "down_block_types": ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    }
+
+
+def _vae(block_out_channels: tuple[int, ...], resolution: int):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=block_out_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+    )
+
+
+def _text_config(tokenizer, hidden_size: int, layers: int, intermediate_size: int, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def _scheduler(prediction_type: str):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
+
+
 def save_tiny_stable_diffusion(
     path: str | Path,
     *,
@@ -75,66 +135,96 @@ def save_tiny_stable_diffusion(
     The UNet's ``sample_size`` is the latent side ``resolution / 2 ** (len(vae_block_out_channels) - 1)``;
     the text encoder has ``text_layers`` layers of width ``cross_attention_dim``.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
     torch.manual_seed(seed)
-    n = len(block_out_channels)
+    latent_size = resolution // 2 ** (len(vae_block_out_channels) - 1)
     unet = UNet2DConditionModel(
-        sample_size=resolution // 2 ** (len(vae_block_out_channels) - 1),
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=block_out_channels,
-        layers_per_block=layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        **_unet_kwargs(block_out_channels, latent_size, layers_per_block),
         cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-        norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=vae_block_out_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_block_out_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_block_out_channels),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=resolution,
+    tokenizer = CLIPTokenizer.from_pretrained(
+        save_byte_level_clip_tokenizer(path / "tokenizer", model_max_length)
     )
-    tokenizer_dir = save_byte_level_clip_tokenizer(path / "tokenizer", model_max_length)
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=cross_attention_dim,
-            intermediate_size=text_intermediate_size,
-            num_hidden_layers=text_layers,
-            num_attention_heads=4,
-            max_position_embeddings=model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        prediction_type=prediction_type,
-        clip_sample=False,
-    )
+    text_config = _text_config(tokenizer, cross_attention_dim, text_layers, text_intermediate_size)
     pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
+        vae=_vae(vae_block_out_channels, resolution),
+        text_encoder=CLIPTextModel(text_config),
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
+def save_tiny_sdxl(
+    path: str | Path,
+    *,
+    block_out_channels: tuple[int, ...] = (32, 64),
+    text_hidden_sizes: tuple[int, int] = (32, 32),
+    projection_dim: int = 32,
+    addition_time_embed_dim: int = 8,
+    model_max_length: int = 16,
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+    vae_block_out_channels: tuple[int, ...] = (16, 32),
+    resolution: int = 32,
+    layers_per_block: int = 1,
+    text_layers: int = 2,
+    text_intermediate_size: int = 64,
+) -> Path:
+    """Save a randomly initialised SDXL-shaped pipeline, in the layout of
+    ``stabilityai/stable-diffusion-xl-base-1.0`` (``text_encoder_2``, ``tokenizer_2`` added).
+
+    As in SDXL, the UNet cross-attends to both encoders' hidden states concatenated
+    (``cross_attention_dim = sum(text_hidden_sizes)``) and adds the embedding of the pooled text
+    projection and the six micro-conditioning time ids
+    (``projection_class_embeddings_input_dim = 6 * addition_time_embed_dim + projection_dim``).
+    """
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    latent_size = resolution // 2 ** (len(vae_block_out_channels) - 1)
+    unet = UNet2DConditionModel(
+        **_unet_kwargs(block_out_channels, latent_size, layers_per_block),
+        cross_attention_dim=sum(text_hidden_sizes),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=addition_time_embed_dim,
+        projection_class_embeddings_input_dim=6 * addition_time_embed_dim + projection_dim,
+    )
+    tokenizers = [
+        CLIPTokenizer.from_pretrained(save_byte_level_clip_tokenizer(path / name, model_max_length))
+        for name in ("tokenizer", "tokenizer_2")
+    ]
+    text_encoder = CLIPTextModel(
+        _text_config(tokenizers[0], text_hidden_sizes[0], text_layers, text_intermediate_size)
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(
+            tokenizers[1],
+            text_hidden_sizes[1],
+            text_layers,
+            text_intermediate_size,
+            projection_dim=projection_dim,
+        )
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=_vae(vae_block_out_channels, resolution),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        unet=unet,
+        scheduler=_scheduler(prediction_type),
+        add_watermarker=False,
     )
     pipeline.save_pretrained(path)
     return path

@@ -29,6 +29,13 @@ def tiny_v_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> str:
+    from lightning_refdpo.tiny import save_tiny_sdxl
+
+    return str(save_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "model"))
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, str]:
     from lightning_refdpo.tiny import save_random_preference_set
 

@@ -2,15 +2,45 @@
 
 from __future__ import annotations
 
-import torch
+import os
+import signal as signal_module
+from pathlib import Path
 
-from lightning_refdpo import DiffusionDPOModule
+import torch
+from lightning.pytorch import Callback, Trainer
+
+from lightning_refdpo import DiffusionDPOModule, PreferenceDataModule, ReferenceModelUpdate
 from lightning_refdpo.metrics import RewardScore
 
 
-def make_module(model_path: str, **kwargs) -> DiffusionDPOModule:
+def make_module(model_path: str, module_class: type = DiffusionDPOModule, **kwargs) -> DiffusionDPOModule:
     kwargs = {"learning_rate": 1e-3, "scale_lr": False, **kwargs}
-    return DiffusionDPOModule(pretrained_model_name_or_path=model_path, **kwargs)
+    return module_class(pretrained_model_name_or_path=model_path, **kwargs)
+
+
+def fit_tiny(
+    module: DiffusionDPOModule, data_files: dict, max_steps: int, train_batch_size: int = 2, **trainer_kwargs
+) -> Trainer:
+    """Fit ``module`` for ``max_steps`` on the 32 px parquet pairs of ``data_files``: CPU, no
+    validation, logger or checkpoints unless ``trainer_kwargs`` say otherwise."""
+    options = {"logger": False, "enable_checkpointing": False, "limit_val_batches": 0, **trainer_kwargs}
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **options,
+    )
+    data = PreferenceDataModule(
+        dataset_name="parquet",
+        data_files=data_files,
+        validation_split=None,
+        resolution=32,
+        num_workers=0,
+        train_batch_size=train_batch_size,
+    )
+    trainer.fit(module, data)
+    return trainer
 
 
 def make_batch(batch_size: int = 2, resolution: int = 32, seed: int = 0) -> dict:
@@ -31,3 +61,38 @@ class Brightness(RewardScore):
 
     def score(self, images: torch.Tensor, prompts) -> torch.Tensor:
         return images.mean(dim=(1, 2, 3))
+
+
+class SendSignal(Callback):
+    """Sends ``signal`` to this process once ``at_step`` optimizer steps are done (an interrupted run)."""
+
+    def __init__(self, at_step: int, signal: str = "SIGTERM") -> None:
+        self.at_step = at_step
+        self.signal = getattr(signal_module, signal)
+
+    def on_train_batch_end(self, trainer: Trainer, *args) -> None:
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), self.signal)
+
+
+class RecordRank(Callback):
+    """Saves this rank's run to ``<default_root_dir>/rank<global_rank>.pt`` when training ends: each
+    step's rank-local loss and timesteps, the reference UNet's weights and the reference update's state."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.timesteps: list[list[int]] = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.losses.append(float(outputs["loss"]))
+        self.timesteps.append(batch["timesteps"].tolist())
+
+    def on_train_end(self, trainer: Trainer, pl_module) -> None:
+        update = next(c for c in trainer.callbacks if isinstance(c, ReferenceModelUpdate))
+        record = {
+            "losses": self.losses,
+            "timesteps": self.timesteps,
+            "reference": pl_module.reference_unet.state_dict(),
+            "update": {k: v for k, v in update.state_dict().items() if k != "generator"},
+        }
+        torch.save(record, Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.pt")

@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from lightning_refdpo.data import PairTransform, PreferenceCollator, PreferenceDataModule, PreferencePairs
-from lightning_refdpo.timesteps import DiscountedTimestepSampler
+from lightning_refdpo.data.draws import PairDraws
+from lightning_refdpo.timesteps import DiscountedTimestepSampler, UniformTimestepSampler
 from lightning_refdpo.tiny import encode_image
 
 
@@ -96,16 +97,25 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
 
 
 def test_caption_dropout():
-    pairs = [
-        {
-            "caption": "x",
-            "pixel_values": torch.zeros(6, 8, 8),
-            "original_size": torch.zeros(2),
-            "crop_top_left": torch.zeros(2),
-        }
-    ] * 200
-    captions = PreferenceCollator(proportion_empty_prompts=0.2)(pairs)["caption"]
+    draws = PairDraws(UniformTimestepSampler(1000), proportion_empty_prompts=0.2, seed=3)
+    pair = {
+        "caption": "x",
+        "pixel_values": torch.zeros(6, 8, 8),
+        "original_size": torch.zeros(2),
+        "crop_top_left": torch.zeros(2),
+    }
+    pairs = [{**pair, **draws(draws.generator(i))} for i in range(200)]
+    captions = PreferenceCollator()(pairs)["caption"]
     assert 20 < captions.count("") < 60
+
+
+def test_pair_draws_depend_on_seed_epoch_and_index_only():
+    draws = PairDraws(UniformTimestepSampler(1000), proportion_empty_prompts=0.5, seed=3)
+    first = [draws(draws.generator(i)) for i in range(8)]
+    assert [draws(draws.generator(i)) for i in range(8)] == first
+    draws.epoch = 1
+    assert [draws(draws.generator(i)) for i in range(8)] != first
+    assert len({d["noise_seed"] for d in first}) == 8
 
 
 def test_missing_column_is_named(tmp_path):

@@ -30,7 +30,7 @@ def test_cached_and_uncached_training_give_the_same_loss(tiny_model, tiny_data, 
     timesteps = torch.tensor([10, 500, 990])
     uncached = PreferenceCollator()([pairs[i] for i in range(3)]) | {"timesteps": timesteps}
     cached = CachedPreferenceCollator(load_empty_prompt(cache))(
-        [cached_dm.splits["train"][i] for i in range(3)]
+        [cached_dm.splits["train"].split[i] for i in range(3)]  # the rows, without training draws
     )
     cached["timesteps"] = timesteps
     assert cached["caption"] == uncached["caption"]
@@ -51,7 +51,9 @@ def test_cached_caption_dropout_uses_the_empty_prompt(tiny_model, tmp_path):
             },
         }
     ] * 2
-    batch = CachedPreferenceCollator(empty, proportion_empty_prompts=1.0)(rows)
+    batch = CachedPreferenceCollator({"encoder_hidden_states": empty})(
+        [{**row, "drop_caption": True} for row in rows]
+    )
     assert batch["caption"] == ["", ""] and torch.equal(batch["encoder_hidden_states"][1], empty)
 
 

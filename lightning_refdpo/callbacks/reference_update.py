@@ -25,8 +25,9 @@ class ReferenceModelUpdate(Callback):
     1. form the candidate ``ref' = (1 - alpha) ref + alpha theta`` (``alpha = 1``: the policy itself,
        the hard copy of TR-DPO);
     2. estimate ``D = mean(mse_ref'(x^w) - mse_init(x^w))`` on ``divergence_samples`` winners of the
-       current batch with uniform ``t`` and fresh noise (Eq. 8, constant weighting), averaged over
-       all ranks so every rank takes the same decision;
+       current batch of each rank with uniform ``t`` and fresh noise (Eq. 8, constant weighting);
+       ``D`` is the mean over the winners of all ranks (``sum_r n_r D_r / sum_r n_r``, one value
+       all-reduced), so every rank takes the same decision;
     3. if ``max_divergence`` is ``None`` or ``D <= max_divergence``: ``ref <- ref'``; otherwise
        ``on_exceed="freeze"`` keeps the reference and freezes it for good, ``"reinit"`` resets it
        to the initial model (and keeps updating later).
@@ -95,7 +96,7 @@ class ReferenceModelUpdate(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if self.frozen or step == self.last_event_step or step % self.every_n_steps or not batch["caption"]:
+        if self.frozen or step == self.last_event_step or step % self.every_n_steps:
             return
         self.last_event_step = step
         self.update(trainer, pl_module, batch)
@@ -104,19 +105,23 @@ class ReferenceModelUpdate(Callback):
         """One update event: estimate the candidate's divergence, then update, freeze or reset."""
         was_training = pl_module.training
         pl_module.eval()
-        if self.alpha == 1.0:
-            divergence = pl_module.estimate_divergence(
-                batch, self.divergence_samples, "policy", self.generator
-            )
-        else:
+        if self.alpha != 1.0:
             previous = pl_module.reference_state()
             pl_module.update_reference(self.alpha)
-            divergence = pl_module.estimate_divergence(
-                batch, self.divergence_samples, "reference", self.generator
-            )
+        num_samples = min(self.divergence_samples, len(batch["caption"]))
+        divergence_sum = torch.zeros((), device=pl_module.device)
+        if num_samples:
+            candidate = "policy" if self.alpha == 1.0 else "reference"
+            divergence = pl_module.estimate_divergence(batch, num_samples, candidate, self.generator)
+            divergence_sum = divergence.detach().float() * num_samples
         pl_module.train(was_training)
-        divergence = trainer.strategy.reduce(divergence.detach(), reduce_op="mean")
-        self.last_divergence = float(divergence)
+        totals = torch.stack([divergence_sum, torch.tensor(float(num_samples), device=pl_module.device)])
+        divergence_sum, num_samples = trainer.strategy.reduce(totals, reduce_op="sum").tolist()
+        if not num_samples:  # no decodable winner on any rank: no event
+            if self.alpha != 1.0:
+                pl_module.load_reference_state(previous)
+            return
+        self.last_divergence = divergence_sum / num_samples
 
         if self.max_divergence is None or self.last_divergence <= self.max_divergence:
             if self.alpha == 1.0:

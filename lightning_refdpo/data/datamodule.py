@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import datasets
 import torch
 from lightning.pytorch import LightningDataModule
 
-from lightning_refdpo.data.latent_cache import CachedPreferenceCollator, load_empty_prompt, load_latent_split
+from lightning_refdpo.data.draws import PairDraws
+from lightning_refdpo.data.latent_cache import (
+    CachedPairs,
+    CachedPreferenceCollator,
+    load_empty_prompt,
+    load_latent_split,
+)
 from lightning_refdpo.data.preference import (
     PairTransform,
     PreferenceCollator,
@@ -16,6 +23,8 @@ from lightning_refdpo.data.preference import (
     check_schema,
     drop_ties,
 )
+from lightning_refdpo.data.resumable import ResumableDataLoader, ResumableSampler, resumable_loader
+from lightning_refdpo.data.streaming import EpochDataLoader, StreamingPreferencePairs
 from lightning_refdpo.timesteps import TimestepSampler, UniformTimestepSampler
 
 
@@ -41,6 +50,15 @@ class PreferenceDataModule(LightningDataModule):
         num_workers, pin_memory: ``DataLoader`` options.
         latent_cache: a folder written by ``lightning-refdpo cache``: train from cached VAE
             posteriors and text embeddings instead of images (see ``data/latent_cache.py``).
+        seed: seed of the shuffle and of every pair's draws (``data/draws.py``); ``None`` takes the
+            seed of ``seed_everything``, as Lightning's own distributed sampler does.
+        streaming: stream the train split (``load_dataset(..., streaming=True)``, each rank its
+            share, see ``data/streaming.py``) instead of downloading it whole; shuffled in a buffer
+            of ``shuffle_buffer_size`` pairs. A resumed run restarts the stream at its epoch's start.
+
+    Training is resumable mid-epoch and reproducible on any number of ranks and workers: each
+    pair's crop, flip, caption dropout, ``t`` and noise come from a seed of ``(seed, epoch, index)``,
+    and the train loader's position is checkpointed (``data/resumable.py``).
     """
 
     def __init__(
@@ -64,6 +82,9 @@ class PreferenceDataModule(LightningDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
         latent_cache: str | None = None,
+        seed: int | None = None,
+        streaming: bool = False,
+        shuffle_buffer_size: int = 1000,
     ) -> None:
         super().__init__()
         if resolution < 8 or resolution % 8:
@@ -80,22 +101,55 @@ class PreferenceDataModule(LightningDataModule):
         self.train_batch_size = train_batch_size
         self.splits: dict[str, Any] = {}
 
-    def load_pairs(self, split: str, limit: int | None, transform: PairTransform) -> PreferencePairs:
+    @property
+    def seed(self) -> int:
+        return (
+            self.hparams.seed if self.hparams.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        )
+
+    def training_draws(self) -> PairDraws:
+        return PairDraws(self.timestep_sampler, self.hparams.proportion_empty_prompts, self.seed)
+
+    def load_pairs(
+        self, split: str, limit: int | None, transform: PairTransform, draws: PairDraws | None = None
+    ) -> PreferencePairs:
         """The preference pairs of ``split`` (schema checked, ties dropped, first ``limit`` kept)."""
+        dataset = self.load_split(split)
+        check_schema(dataset, split)
+        dataset = drop_ties(dataset, split)
+        if limit is not None:
+            dataset = dataset.select(range(min(limit, len(dataset))))
+        return PreferencePairs(dataset, transform, draws)
+
+    def stream_pairs(
+        self, split: str, limit: int | None, transform: PairTransform, draws: PairDraws
+    ) -> StreamingPreferencePairs:
+        """This rank's share of ``split`` streamed (first ``limit`` rows, ties dropped)."""
+        dataset = self.load_split(split, streaming=True)
+        if limit is not None:
+            dataset = dataset.take(limit)
+        trainer = self.trainer
+        return StreamingPreferencePairs(
+            dataset,
+            PreferencePairs(None, transform, draws),
+            split,
+            self.seed,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+            shuffle_buffer_size=self.hparams.shuffle_buffer_size,
+        )
+
+    def load_split(self, split: str, streaming: bool = False) -> Any:
         hp = self.hparams
-        dataset = datasets.load_dataset(
+        options = {"streaming": True} if streaming else {"cache_dir": hp.cache_dir}
+        return datasets.load_dataset(
             hp.dataset_name,
             hp.dataset_config_name,
             data_files=hp.data_files,
             split=split,
             revision=hp.revision,
-            cache_dir=hp.cache_dir,
+            **options,
         )
-        check_schema(dataset, split)
-        dataset = drop_ties(dataset, split)
-        if limit is not None:
-            dataset = dataset.select(range(min(limit, len(dataset))))
-        return PreferencePairs(dataset, transform)
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
@@ -104,45 +158,62 @@ class PreferenceDataModule(LightningDataModule):
             "validation": stage in ("fit", "validate") and bool(hp.validation_split),
         }
         for name in (n for n, needed in wanted.items() if needed and n not in self.splits):
+            draws = self.training_draws() if name == "train" else None
             if hp.latent_cache:
-                self.splits[name] = load_latent_split(hp.latent_cache, name)
+                self.splits[name] = CachedPairs(load_latent_split(hp.latent_cache, name), draws)
             elif name == "train":
                 transform = PairTransform(hp.resolution, hp.random_crop, hp.random_flip)
-                self.splits[name] = self.load_pairs(hp.train_split, hp.max_train_samples, transform)
+                load = self.stream_pairs if hp.streaming else self.load_pairs
+                self.splits[name] = load(hp.train_split, hp.max_train_samples, transform, draws)
             else:
                 transform = PairTransform(hp.resolution, random_crop=False, random_flip=False)
                 self.splits[name] = self.load_pairs(hp.validation_split, hp.max_validation_samples, transform)
 
-    def collator(self, train: bool) -> PreferenceCollator | CachedPreferenceCollator:
-        """The batch collator: timesteps and caption dropout for training only."""
-        sampler = self.timestep_sampler if train else None
-        dropout = self.hparams.proportion_empty_prompts if train else 0.0
+    def collator(self) -> PreferenceCollator | CachedPreferenceCollator:
+        """The batch collator (the training pairs carry their own draws)."""
         if self.hparams.latent_cache:
-            return CachedPreferenceCollator(load_empty_prompt(self.hparams.latent_cache), sampler, dropout)
-        return PreferenceCollator(sampler, dropout)
+            return CachedPreferenceCollator(load_empty_prompt(self.hparams.latent_cache))
+        return PreferenceCollator()
 
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(
-            self.splits["train"], self.train_batch_size, self.collator(train=True), shuffle=True
+    def train_dataloader(self) -> ResumableDataLoader | EpochDataLoader:
+        trainer = self.trainer
+        if isinstance(self.splits["train"], StreamingPreferencePairs):
+            return EpochDataLoader(
+                self.splits["train"],
+                trainer,
+                batch_size=self.train_batch_size,
+                collate_fn=self.collator(),
+                num_workers=self.hparams.num_workers,
+                pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+                drop_last=True,
+            )
+        return resumable_loader(
+            self.splits["train"],
+            self.train_batch_size,
+            self.seed,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            collate_fn=self.collator(),
+            num_workers=self.hparams.num_workers,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count a training batch as consumed when it reaches the step (not when prefetched)."""
+        if self.trainer is not None and self.trainer.training:
+            sampler = getattr(self.trainer.train_dataloader, "sampler", None)
+            if isinstance(sampler, ResumableSampler):
+                sampler.batches_consumed += 1
+        return batch
 
     def val_dataloader(self) -> torch.utils.data.DataLoader | list:
         if "validation" not in self.splits:
             return []
-        return self._loader(
-            self.splits["validation"], self.hparams.val_batch_size, self.collator(train=False), shuffle=False
-        )
-
-    def _loader(
-        self, dataset: Any, batch_size: int, collate: Any, shuffle: bool
-    ) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            collate_fn=collate,
+            self.splits["validation"],
+            batch_size=self.hparams.val_batch_size,
+            collate_fn=self.collator(),
             num_workers=self.hparams.num_workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.hparams.num_workers > 0,
-            drop_last=shuffle,
         )

@@ -8,15 +8,16 @@ prediction are still computed at each step.
 
 Layout of a cache folder: one ``datasets`` Arrow folder per split (``train/``, ``validation/``) with
 columns ``caption``, ``latents_mean_w``, ``latents_std_w``, ``latents_mean_l``, ``latents_std_l``,
-``encoder_hidden_states``; ``empty_prompt.safetensors`` (the embedding of ``""`` used for caption
-dropout) and ``cache.json`` (model id, resolution, dtype). Images are cropped at the centre and not
-flipped (a cached image has one crop).
+one column per output of the module's ``encode_prompts`` (``encoder_hidden_states``; SDXL adds the
+pooled ``text_embeds``) and the crop's ``original_size`` and ``crop_top_left`` (SDXL's
+micro-conditioning); ``empty_prompt.safetensors`` (the embeddings of ``""`` used for caption
+dropout) and ``cache.json`` (model and VAE ids, splits, dtype). Images are cropped at the centre
+and not flipped (a cached image has one crop).
 """
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
@@ -25,12 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from lightning_refdpo.data.preference import PreferenceCollator, PreferencePairs
+from lightning_refdpo.data.draws import PairDraws
+from lightning_refdpo.data.preference import PreferenceCollator, PreferencePairs, stack_draws
 
 LATENT_COLUMNS = ("latents_mean_w", "latents_std_w", "latents_mean_l", "latents_std_l")
+CROP_COLUMNS = ("original_size", "crop_top_left")
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 
 
@@ -43,17 +47,18 @@ def encode_pairs(module: Any, pairs: PreferencePairs, batch_size: int) -> Iterat
             continue
         pixels = batch["pixel_values"].to(module.device)
         mean, std = module.latent_distribution(torch.cat([pixels[:, :3], pixels[:, 3:]]))
-        text = module.encode_prompts(batch["caption"])["encoder_hidden_states"]
         (mean_w, mean_l), (std_w, std_l) = mean.chunk(2), std.chunk(2)
         columns = {
             "latents_mean_w": mean_w,
             "latents_std_w": std_w,
             "latents_mean_l": mean_l,
             "latents_std_l": std_l,
+            **module.encode_prompts(batch["caption"]),
         }
         for i, caption in enumerate(batch["caption"]):
             row = {k: v[i].float().cpu().numpy() for k, v in columns.items()}
-            yield {"caption": caption, **row, "encoder_hidden_states": text[i].float().cpu().numpy()}
+            crop = {k: batch[k][i].numpy() for k in CROP_COLUMNS}
+            yield {"caption": caption, **row, **crop}
 
 
 def write_latent_cache(
@@ -68,8 +73,7 @@ def write_latent_cache(
         features = datasets.Features(
             {
                 "caption": datasets.Value("string"),
-                **{k: datasets.Array3D(first[k].shape, "float32") for k in LATENT_COLUMNS},
-                "encoder_hidden_states": datasets.Array2D(first["encoder_hidden_states"].shape, "float32"),
+                **{k: _feature(v) for k, v in first.items() if k != "caption"},
             }
         )
 
@@ -84,18 +88,24 @@ def write_latent_cache(
         )
         split.save_to_disk(str(output / name))
         shutil.rmtree(build, ignore_errors=True)
-    save_file(
-        {
-            "encoder_hidden_states": module.encode_prompts([""])["encoder_hidden_states"][0]
-            .float()
-            .cpu()
-            .contiguous()
-        },
-        str(output / EMPTY_PROMPT_FILE),
-    )
-    meta = {"model": module.hparams.pretrained_model_name_or_path, "splits": list(splits), "dtype": "float32"}
+    empty_prompt = {k: v[0].float().cpu().contiguous() for k, v in module.encode_prompts([""]).items()}
+    save_file(empty_prompt, str(output / EMPTY_PROMPT_FILE))
+    meta = {
+        "model": module.hparams.pretrained_model_name_or_path,
+        "vae": module.hparams.vae_name_or_path,
+        "splits": list(splits),
+        "dtype": "float32",
+    }
     (output / "cache.json").write_text(json.dumps(meta, indent=2))
     return output
+
+
+def _feature(value: np.ndarray) -> Any:
+    """The ``datasets`` feature of one cell: a fixed-length sequence or a 2-D / 3-D array."""
+    dtype = "float32" if value.dtype.kind == "f" else "int64"
+    if value.ndim == 1:
+        return datasets.Sequence(datasets.Value(dtype), length=len(value))
+    return (datasets.Array2D if value.ndim == 2 else datasets.Array3D)(value.shape, dtype)
 
 
 def load_latent_split(cache: str | Path, split: str) -> datasets.Dataset:
@@ -107,29 +117,45 @@ def load_latent_split(cache: str | Path, split: str) -> datasets.Dataset:
     return datasets.load_from_disk(str(path)).with_format("torch")
 
 
-def load_empty_prompt(cache: str | Path) -> torch.Tensor:
-    return load_file(str(Path(cache) / EMPTY_PROMPT_FILE))["encoder_hidden_states"]
+def load_empty_prompt(cache: str | Path) -> dict[str, torch.Tensor]:
+    """The cached text conditioning of ``""`` (``encoder_hidden_states``; SDXL: and ``text_embeds``)."""
+    return load_file(str(Path(cache) / EMPTY_PROMPT_FILE))
+
+
+class CachedPairs(torch.utils.data.Dataset):
+    """Rows of a cached split; with ``draws`` (training) each row also carries the pair's caption
+    dropout, ``t`` and noise seed, drawn like :class:`PreferencePairs` draws them."""
+
+    def __init__(self, split: datasets.Dataset, draws: PairDraws | None = None) -> None:
+        self.split = split
+        self.draws = draws
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.draws is not None:
+            self.draws.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.split[index]
+        return row if self.draws is None else {**row, **self.draws(self.draws.generator(index))}
 
 
 @dataclass
 class CachedPreferenceCollator:
-    """Stacks cached pairs; caption dropout swaps in the cached empty-prompt embedding; attaches
-    the training timesteps like :class:`PreferenceCollator`."""
+    """Stacks cached pairs; caption dropout swaps in the cached empty-prompt embeddings; stacks
+    the drawn timesteps and noise seeds like :class:`PreferenceCollator`."""
 
-    empty_prompt: torch.Tensor
-    timestep_sampler: Any = None
-    proportion_empty_prompts: float = 0.0
+    empty_prompt: dict[str, torch.Tensor]
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {
-            k: torch.stack([r[k] for r in rows]) for k in (*LATENT_COLUMNS, "encoder_hidden_states")
-        }
+        columns = (*LATENT_COLUMNS, *self.empty_prompt, *(k for k in CROP_COLUMNS if k in rows[0]))
+        batch: dict[str, Any] = {k: torch.stack([r[k] for r in rows]) for k in columns}
         batch["caption"] = [r["caption"] for r in rows]
-        for i in range(len(rows)):
-            if random.random() < self.proportion_empty_prompts:
+        for i, row in enumerate(rows):
+            if row.get("drop_caption"):
                 batch["caption"][i] = ""
-                batch["encoder_hidden_states"][i] = self.empty_prompt
-        batch["num_skipped"] = 0
-        if self.timestep_sampler is not None:
-            batch["timesteps"] = self.timestep_sampler.sample(len(rows))
-        return batch
+                for key, embedding in self.empty_prompt.items():
+                    batch[key][i] = embedding
+        return {**batch, "num_skipped": 0, **stack_draws(rows)}

@@ -7,7 +7,6 @@ file path) and ``label_0`` (1.0: image 0 preferred, 0.0: image 1 preferred, 0.5:
 from __future__ import annotations
 
 import io
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from lightning_refdpo.data.draws import PairDraws
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 TIE = 0.5
@@ -72,18 +73,21 @@ class PairTransform:
     random_crop: bool = False
     random_flip: bool = True
 
-    def __call__(self, winner: Image.Image, loser: Image.Image) -> dict[str, Any]:
+    def __call__(
+        self, winner: Image.Image, loser: Image.Image, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
+        """Crop offsets and the flip are drawn from ``generator`` (the pair's, see ``draws.py``)."""
         original_size = (winner.height, winner.width)
         images = [self._resize(winner), self._resize(loser)]
         height, width = images[0].height, images[0].width
         if self.random_crop:
-            top = random.randint(0, height - self.resolution)
-            left = random.randint(0, width - self.resolution)
+            top = int(torch.randint(0, height - self.resolution + 1, (), generator=generator))
+            left = int(torch.randint(0, width - self.resolution + 1, (), generator=generator))
         else:
             top = (height - self.resolution) // 2
             left = (width - self.resolution) // 2
         box = (left, top, left + self.resolution, top + self.resolution)
-        flip = self.random_flip and random.random() < 0.5
+        flip = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
         tensors = []
         for image in images:
             image = image.crop(box)
@@ -110,45 +114,58 @@ class PreferencePairs(torch.utils.data.Dataset):
     """Pairs as ``{"caption", "pixel_values" (6, H, W: winner then loser), ...}``.
 
     An image that cannot be decoded makes the pair ``None``; the collator drops and counts it.
+    With ``draws`` (training), crop, flip, caption dropout, ``t`` and the noise seed come from the
+    pair's own generator (:class:`~lightning_refdpo.data.draws.PairDraws`).
     """
 
-    def __init__(self, dataset: Any, transform: PairTransform) -> None:
+    def __init__(self, dataset: Any, transform: PairTransform, draws: PairDraws | None = None) -> None:
         self.dataset = dataset
         self.transform = transform
+        self.draws = draws
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def set_epoch(self, epoch: int) -> None:
+        if self.draws is not None:
+            self.draws.epoch = epoch
+
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        row = self.dataset[index]
+        return self.pair(self.dataset[index], index)
+
+    def pair(self, row: dict[str, Any], index: int) -> dict[str, Any] | None:
+        """The pair of ``row``, drawing as pair ``index`` of the epoch; ``None`` if undecodable."""
         try:
             image_0, image_1 = decode_image(row["jpg_0"]), decode_image(row["jpg_1"])
         except Exception:  # noqa: BLE001 - any undecodable image is skipped and counted, never fatal
             return None
         winner, loser = (image_0, image_1) if row["label_0"] > TIE else (image_1, image_0)
         caption = row["caption"] if isinstance(row["caption"], str) else ""
-        return {"caption": caption, **self.transform(winner, loser)}
+        generator = self.draws.generator(index) if self.draws is not None else None
+        pair = {"caption": caption, **self.transform(winner, loser, generator)}
+        return pair if self.draws is None else {**pair, **self.draws(generator)}
 
 
-@dataclass
+def stack_draws(pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``timesteps`` and ``noise_seeds`` of pairs carrying :class:`PairDraws` (training), else ``{}``."""
+    if "timestep" not in pairs[0]:
+        return {}
+    return {
+        "timesteps": torch.stack([torch.as_tensor(p["timestep"]) for p in pairs]),
+        "noise_seeds": torch.tensor([p["noise_seed"] for p in pairs]),
+    }
+
+
 class PreferenceCollator:
-    """Stacks pairs, drops undecodable ones (``num_skipped``), replaces captions by ``""`` with
-    probability ``proportion_empty_prompts`` and attaches one training timestep per pair drawn
-    from ``timestep_sampler`` (when given)."""
-
-    timestep_sampler: Any = None
-    proportion_empty_prompts: float = 0.0
+    """Stacks pairs, drops undecodable ones (``num_skipped``), empties the captions drawn for
+    dropout and stacks the pairs' drawn timesteps and noise seeds (training pairs only)."""
 
     def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         pairs = [s for s in samples if s is not None]
         batch: dict[str, Any] = {"num_skipped": len(samples) - len(pairs)}
         if not pairs:
             return {**batch, "caption": [], "pixel_values": torch.empty(0)}
-        batch["caption"] = [
-            "" if random.random() < self.proportion_empty_prompts else p["caption"] for p in pairs
-        ]
+        batch["caption"] = ["" if p.get("drop_caption") else p["caption"] for p in pairs]
         for key in ("pixel_values", "original_size", "crop_top_left"):
             batch[key] = torch.stack([p[key] for p in pairs])
-        if self.timestep_sampler is not None:
-            batch["timesteps"] = self.timestep_sampler.sample(len(pairs))
-        return batch
+        return {**batch, **stack_draws(pairs)}

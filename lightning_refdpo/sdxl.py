@@ -1,0 +1,153 @@
+"""``StableDiffusionXLDPOModule``: the DPO module of ``module.py`` for SDXL.
+
+SDXL conditions its UNet on three things, computed as in diffusers' ``train_diffusion_dpo_sdxl.py``
+and ``StableDiffusionXLPipeline`` (so training and generation agree):
+
+- ``encoder_hidden_states``: the penultimate hidden states of both text encoders concatenated on
+  the feature axis (768 + 1280 = 2048 channels for SDXL base);
+- ``text_embeds``: the pooled, projected embedding of the second text encoder (1280);
+- ``time_ids``: the micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``
+  of each pair: the image size before resizing and the top-left of the crop actually taken by the
+  data loader (``original_size``, ``crop_top_left`` of the batch), and the training crop's size.
+
+The last two reach the UNet as ``added_cond_kwargs``. Everything else (loss, reference model,
+timesteps, checkpoints) is the base module's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lightning_refdpo.hub import load_component
+from lightning_refdpo.module import DiffusionDPOModule
+
+MICRO_CONDITIONING = ("original_size", "crop_top_left")
+
+
+class StableDiffusionXLDPOModule(DiffusionDPOModule):
+    """Diffusion-DPO and the method of arXiv 2505.18736 for SDXL (two text encoders, pooled text
+    embedding, size and crop micro-conditioning).
+
+    Args:
+        pretrained_model_name_or_path: hub id or folder in the SDXL diffusers layout (the SD1.5
+            layout plus ``text_encoder_2`` and ``tokenizer_2``).
+        vae_name_or_path: see :class:`DiffusionDPOModule`; the SDXL configs use
+            ``madebyollin/sdxl-vae-fp16-fix`` (the SDXL VAE gives NaNs in fp16).
+        **kwargs: every other argument of :class:`DiffusionDPOModule`.
+    """
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str = "stabilityai/stable-diffusion-xl-base-1.0",
+        vae_name_or_path: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            pretrained_model_name_or_path=pretrained_model_name_or_path,
+            vae_name_or_path=vae_name_or_path,
+            **kwargs,
+        )
+        self.text_encoder_2.requires_grad_(False)
+
+    def load_components(self) -> None:
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        super().load_components()
+        hp = self.hparams
+        path = hp.pretrained_model_name_or_path
+        if self.unet.config.addition_embed_type != "text_time":
+            raise ValueError(
+                f"model.pretrained_model_name_or_path {path!r} has no SDXL UNet (addition_embed_type "
+                f"{self.unet.config.addition_embed_type!r}, not 'text_time'); use DiffusionDPOModule for it"
+            )
+        self.tokenizer_2 = load_component(CLIPTokenizer, path, "tokenizer_2", revision=hp.revision)
+        self.text_encoder_2 = load_component(
+            CLIPTextModelWithProjection, path, "text_encoder_2", revision=hp.revision, variant=hp.variant
+        )
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [*super().frozen_modules(), self.text_encoder_2]
+
+    def trainable_and_reference_keys(self) -> list[str]:
+        return [k for k in super().trainable_and_reference_keys() if not k.startswith("text_encoder_2.")]
+
+    def build_pipeline(self, unet: torch.nn.Module | None = None) -> Any:
+        """A diffusers ``StableDiffusionXLPipeline`` over this module's components and ``unet``
+        (default: the policy), without the invisible watermark."""
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer=self.tokenizer,
+            tokenizer_2=self.tokenizer_2,
+            unet=self.unet if unet is None else unet,
+            scheduler=type(self.noise_scheduler).from_config(self.noise_scheduler.config),
+            add_watermarker=False,
+        )
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{"encoder_hidden_states": cat(h1[-2], h2[-2]), "text_embeds": pooled2}`` for ``captions``:
+        penultimate hidden states of both encoders, and the second encoder's projected pooled output."""
+        hidden_states = []
+        for tokenizer, encoder in (
+            (self.tokenizer, self.text_encoder),
+            (self.tokenizer_2, self.text_encoder_2),
+        ):
+            out = encoder(self.token_ids(tokenizer, captions), output_hidden_states=True)
+            hidden_states.append(out.hidden_states[-2])
+        return {"encoder_hidden_states": torch.cat(hidden_states, dim=-1), "text_embeds": out.text_embeds}
+
+    def encode_batch(
+        self, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The base module's latents and text conditioning, plus the pooled embedding (from the
+        cache when cached) and each pair's ``time_ids``."""
+        missing = [k for k in MICRO_CONDITIONING if k not in batch]
+        if missing:
+            raise KeyError(
+                f"SDXL batches need {' and '.join(missing)} per pair for the micro-conditioning; "
+                "PreferenceDataModule provides them (rebuild a latent cache written without them)"
+            )
+        latents_w, latents_l, cond = super().encode_batch(batch)
+        if "latents_mean_w" in batch:
+            cond["text_embeds"] = batch["text_embeds"]
+        target_size = [side * self.vae_scale_factor for side in latents_w.shape[-2:]]
+        cond["time_ids"] = micro_conditioning(batch["original_size"], batch["crop_top_left"], target_size).to(
+            self.device
+        )
+        return latents_w, latents_l, cond
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent side (8 for SDXL)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def predict(
+        self,
+        unet: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """The UNet's prediction with the pooled embedding and the time ids as ``added_cond_kwargs``.
+        The time ids stay float32: the UNet embeds them in float32, and bf16 would round sizes and
+        crop offsets above 256 (a bf16 reference would then see other sizes than the policy)."""
+        dtype = next(unet.parameters()).dtype
+        added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].float()}
+        hidden_states = cond["encoder_hidden_states"].to(dtype)
+        return unet(noisy.to(dtype), timesteps, hidden_states, added_cond_kwargs=added).sample
+
+
+def micro_conditioning(
+    original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: Sequence[int]
+) -> torch.Tensor:
+    """SDXL's ``add_time_ids``: rows ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``
+    from ``(B, 2)`` original sizes and crop corners and the ``(h, w)`` of the training crop."""
+    target = torch.tensor(target_size, device=original_size.device).expand(len(original_size), 2)
+    return torch.cat([original_size, crop_top_left, target], dim=1).float()

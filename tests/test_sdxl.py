@@ -1,0 +1,185 @@
+"""SDXL on a tiny SDXL-shaped model: conditioning, training with reference updates, the latent cache
+and the evaluation callback."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningCLI
+from PIL import Image
+
+from lightning_refdpo import DiffusionDPOModule, PreferenceDataModule, ReferenceModelUpdate, lora
+from lightning_refdpo.callbacks import PreferenceEvaluation
+from lightning_refdpo.data.latent_cache import CachedPreferenceCollator, load_empty_prompt, write_latent_cache
+from lightning_refdpo.data.preference import PairTransform, PreferenceCollator
+from lightning_refdpo.sdxl import StableDiffusionXLDPOModule
+from tests.helpers import Brightness, fit_tiny, make_module, unet_weights
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def sdxl(model_path, **kwargs) -> StableDiffusionXLDPOModule:
+    return make_module(model_path, StableDiffusionXLDPOModule, **kwargs)
+
+
+def cropped_pairs(transform, sizes):
+    """Collated pairs of blank images of the given (width, height), as the data loader makes them."""
+    pairs = [
+        {"caption": f"a photo {i}", **transform(Image.new("RGB", size), Image.new("RGB", size))}
+        for i, size in enumerate(sizes)
+    ]
+    return PreferenceCollator()(pairs)
+
+
+def test_conditioning_matches_the_sdxl_pipeline_and_carries_the_crop(tiny_sdxl):
+    module = sdxl(tiny_sdxl, lora_rank=2)
+    torch.manual_seed(0)
+    batch = cropped_pairs(PairTransform(32, random_crop=True, random_flip=False), [(48, 40), (32, 64)])
+    _, _, cond = module.encode_batch(batch)
+
+    embeds, _, pooled, _ = module.build_pipeline().encode_prompt(
+        batch["caption"], device="cpu", do_classifier_free_guidance=False
+    )
+    torch.testing.assert_close(cond["encoder_hidden_states"], embeds)
+    torch.testing.assert_close(cond["text_embeds"], pooled)
+    assert embeds.shape[-1] == 64, "both encoders' hidden states, concatenated"
+    # (orig_h, orig_w, crop_top, crop_left, target_h, target_w), the crop taken by the loader
+    expected = torch.cat([batch["original_size"], batch["crop_top_left"], torch.tensor([[32, 32]] * 2)], 1)
+    assert torch.equal(cond["time_ids"], expected.float())
+    assert expected[0, :2].tolist() == [40, 48] and expected[1, :2].tolist() == [64, 32]
+
+    other_crop = {**batch, "crop_top_left": batch["crop_top_left"] + 1}
+    t = torch.tensor([500, 500])
+    a = module.preference_step(batch, t, generator=torch.Generator().manual_seed(0))["mse_w"]
+    b = module.preference_step(other_crop, t, generator=torch.Generator().manual_seed(0))["mse_w"]
+    assert not torch.allclose(a, b), "the crop coordinates reach the UNet"
+
+
+def test_a_bfloat16_reference_sees_the_exact_sizes_and_crop(tiny_sdxl):
+    """bf16 rounds 1023 to 1024: the time ids must reach every UNet in float32."""
+    module = sdxl(tiny_sdxl, frozen_dtype="bfloat16")
+    seen = []
+    module.reference_unet.add_time_proj.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    batch = {
+        "caption": ["x"],
+        "pixel_values": torch.zeros(1, 6, 32, 32),
+        "original_size": torch.tensor([[1023, 777]]),
+        "crop_top_left": torch.tensor([[257, 0]]),
+    }
+    module.preference_step(batch, torch.tensor([500]))
+    assert seen[0].dtype == torch.float32
+    assert seen[0].tolist() == [1023, 777, 257, 0, 32, 32] * 2, "winner and loser of the pair"
+
+
+def test_batches_without_crop_information_are_refused(tiny_sdxl):
+    module = sdxl(tiny_sdxl, lora_rank=2)
+    with pytest.raises(KeyError, match="original_size and crop_top_left"):
+        module.encode_batch({"caption": ["x"], "pixel_values": torch.zeros(1, 6, 32, 32)})
+
+
+def test_sd15_model_is_refused_by_the_sdxl_module(tiny_model):
+    with pytest.raises(ValueError, match="pretrained_model_name_or_path .* has no SDXL UNet"):
+        sdxl(tiny_model)
+
+
+@pytest.mark.parametrize("module_kwargs", [{}, {"lora_rank": 2}], ids=["full", "lora"])
+def test_training_steps_and_reference_update(tiny_sdxl, tiny_data, module_kwargs):
+    module = sdxl(tiny_sdxl, learning_rate=0.01, **module_kwargs)
+    initial = unet_weights(module.unet)
+    callback = ReferenceModelUpdate(every_n_steps=1)
+    trainer = fit_tiny(module, tiny_data, max_steps=2, callbacks=[callback])
+    assert trainer.global_step == 2 and callback.num_updates == 2
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert any(not torch.equal(v, initial[k]) for k, v in module.unet.state_dict().items())
+    if module.uses_lora:
+        reference = lora.adapter_parameters(module.unet, lora.REFERENCE)
+        policy = lora.adapter_parameters(module.unet, lora.POLICY)
+    else:
+        reference, policy = (
+            dict(module.reference_unet.named_parameters()),
+            dict(module.unet.named_parameters()),
+        )
+    assert all(torch.equal(reference[k], p) for k, p in policy.items()), "reference <- policy at step 2"
+    assert not any(k.startswith("text_encoder_2.") for k in module.trainable_and_reference_keys())
+
+
+def test_latent_cache_holds_both_embeddings_the_pooled_one_and_the_crop(tiny_sdxl, tiny_data, tmp_path):
+    module = sdxl(tiny_sdxl, lora_rank=2)
+    data = PreferenceDataModule(dataset_name="parquet", data_files=tiny_data, resolution=32, num_workers=0)
+    pairs = data.load_pairs("train", 3, PairTransform(32, random_crop=False, random_flip=False))
+    cache = write_latent_cache(module, {"train": pairs}, tmp_path / "cache", batch_size=2)
+    empty = load_empty_prompt(cache)
+    assert set(empty) == {"encoder_hidden_states", "text_embeds"}
+
+    cached_data = PreferenceDataModule(latent_cache=str(cache), num_workers=0, validation_split=None)
+    cached_data.setup("fit")
+    rows = [cached_data.splits["train"].split[i] for i in range(3)]
+    cached = CachedPreferenceCollator(empty)(rows)
+    uncached = PreferenceCollator()([pairs[i] for i in range(3)])
+    assert torch.equal(cached["original_size"], uncached["original_size"])
+    t = torch.tensor([10, 500, 990])
+    torch.manual_seed(0)  # the latent sample z = mean + std * eps
+    a = module.preference_step(uncached, t, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    b = module.preference_step(cached, t, generator=torch.Generator().manual_seed(0))
+    for key in ("mse_w", "mse_l", "ref_mse_w", "ref_mse_l"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+    dropped = CachedPreferenceCollator(empty)([{**row, "drop_caption": True} for row in rows[:1]])
+    assert torch.equal(dropped["text_embeds"][0], empty["text_embeds"])
+
+
+def test_evaluation_callback_generates_with_the_sdxl_pipeline(tiny_sdxl, tiny_data, tmp_path):
+    callback = PreferenceEvaluation(
+        prompts=["a red cat"], scorers=[Brightness()], seeds=[0, 1], num_inference_steps=2, resolution=32
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        callbacks=[callback],
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+    )
+    data = PreferenceDataModule(
+        dataset_name="parquet", data_files=tiny_data, resolution=32, num_workers=0, val_batch_size=2
+    )
+    trainer.validate(sdxl(tiny_sdxl, lora_rank=2), data)
+    metrics = trainer.callback_metrics
+    assert metrics["eval/Brightness"].item() == pytest.approx(metrics["eval/initial/Brightness"].item())
+    assert callback.baseline_images.shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["sdxl_dpo", "sdxl_refdpo", "sdxl_refdpo_lora"])
+def test_sdxl_configs_build_the_sdxl_module_at_1024_px(name, tiny_sdxl, tiny_data, tmp_path):
+    config = CONFIGS / f"{name}.yaml"
+    assert yaml.safe_load(config.read_text())["model"]["init_args"]["vae_name_or_path"] == (
+        "madebyollin/sdxl-vae-fp16-fix"
+    )
+    cli = LightningCLI(
+        DiffusionDPOModule,
+        PreferenceDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=[
+            f"--config={config}",
+            f"--model.init_args.pretrained_model_name_or_path={tiny_sdxl}",
+            f"--model.init_args.vae_name_or_path={tiny_sdxl}/vae",
+            f"--data.init_args.data_files={json.dumps(tiny_data)}",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.num_nodes=1",
+            "--trainer.strategy=auto",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+    )
+    assert type(cli.model) is StableDiffusionXLDPOModule
+    assert cli.model.uses_lora == name.endswith("lora")
+    assert cli.datamodule.hparams.resolution == 1024
+    caps = [c.max_divergence for c in cli.trainer.callbacks if isinstance(c, ReferenceModelUpdate)]
+    assert caps == ([] if name == "sdxl_dpo" else [0.002])
