@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test demo lint tiny-assets clean
+.PHONY: install test demo tiny-demo lint tiny-assets clean
 
 install: $(VENV)/.installed
 
@@ -23,7 +23,10 @@ test: install
 tiny-assets: install
 	test -f .tiny/model/model_index.json || $(PYTHON) -m lightning_refdpo.tiny .tiny
 
-demo: tiny-assets
+demo: install
+	$(PYTHON) -m lightning_refdpo.toy_demo --config configs/demo.yaml --output outputs/demo
+
+tiny-demo: tiny-assets
 	$(BIN)/lightning-refdpo fit --config configs/tiny.yaml
 
 lint: install

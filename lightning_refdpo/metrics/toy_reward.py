@@ -112,11 +112,9 @@ class ToyReward(RewardScore):
         )
 
         parts = {
-            "background": ramp(
-                distance(background[..., 0, 0, None], target_background[..., None]), 0.05, 0.25
-            ),
+            "background": ramp(distance(background[..., 0, 0], target_background), 0.05, 0.25),
             "presence": torch.minimum(ramp(-area, -0.03, -0.005), ramp(area, 0.3, 0.5)),
-            "colour": ramp(distance(colour[..., 0, 0, None], target_colour[..., None]), 0.1, 0.25),
+            "colour": ramp(distance(colour[..., 0, 0], target_colour), 0.1, 0.25),
             "shape": ramp((fill - target_fill).abs(), 0.05, 0.2) * ramp(aspect, 0.15, 0.5),
             "position": ramp((centre - target_position).norm(dim=-1), 0.07, 0.15),
             "clean": ramp(residual, 0.05, 0.25).mean((1, 2)),

@@ -1,0 +1,151 @@
+"""A toy text-to-image world whose preferences are known exactly.
+
+A scene is one shape (circle, square, triangle) of one colour at one of five positions on a plain
+background, rendered at 32x32 px, with a caption that states all four attributes, e.g.
+``"a red circle on the left, white background"``. The size (10-14 px) and a +-1.5 px offset are drawn
+at random but left out of the caption. The 3 x 5 x 5 x 3 = 225 attribute combinations are split
+once: every fifth combination (in a fixed shuffled order) is held out for evaluation
+(``EVAL_PROMPTS``), the other 180 are for training (``TRAIN_PROMPTS``); every single attribute
+value occurs in both.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+RESOLUTION = 32
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "pink": (230, 80, 200),
+}
+BACKGROUNDS = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (20, 20, 20)}
+# (x, y) of the shape's bounding-box centre as a fraction of the image side, and the phrase.
+POSITIONS = {
+    "left": ((0.28, 0.5), "on the left"),
+    "right": ((0.72, 0.5), "on the right"),
+    "top": ((0.5, 0.28), "at the top"),
+    "bottom": ((0.5, 0.72), "at the bottom"),
+    "centre": ((0.5, 0.5), "in the centre"),
+}
+SIZE_RANGE = (10.0, 14.0)
+MAX_OFFSET = 1.5
+SUPERSAMPLING = 4
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The four attributes a caption states."""
+
+    shape: str
+    colour: str
+    position: str
+    background: str
+
+
+@dataclass(frozen=True)
+class Scene(Prompt):
+    """A prompt plus what the caption leaves out: side length and offset in px (at ``RESOLUTION``)."""
+
+    size: float = 12.0
+    dx: float = 0.0
+    dy: float = 0.0
+
+
+def caption(scene: Prompt) -> str:
+    """``"a {colour} {shape} {position phrase}, {background} background"``."""
+    phrase = POSITIONS[scene.position][1]
+    return f"a {scene.colour} {scene.shape} {phrase}, {scene.background} background"
+
+
+def parse_caption(text: str) -> Prompt:
+    """The attributes named in ``text`` (any order, ``center`` and ``grey`` accepted).
+
+    Raises ``ValueError`` when a caption does not name exactly one value of each attribute.
+    """
+    words = re.findall(r"[a-z]+", text.lower().replace("center", "centre").replace("grey", "gray"))
+
+    def find(vocabulary, name: str, skip: tuple[str, ...] = ()) -> str:
+        found = {w for w in words if w in vocabulary and w not in skip}
+        if len(found) != 1:
+            raise ValueError(f"caption {text!r} must name one {name} of {sorted(vocabulary)}, found {found}")
+        return found.pop()
+
+    background = re.search(r"([a-z]+)\s+background", text.lower().replace("grey", "gray"))
+    if background is None or background.group(1) not in BACKGROUNDS:
+        raise ValueError(f"caption {text!r} must end with '<{'|'.join(BACKGROUNDS)}> background'")
+    return Prompt(
+        shape=find(SHAPES, "shape"),
+        colour=find(COLOURS, "colour"),
+        position=find(POSITIONS, "position"),
+        background=background.group(1),
+    )
+
+
+def sample_scene(rng: np.random.Generator, prompt: Prompt | None = None) -> Scene:
+    """A random scene, or a random size and offset for the attributes of ``prompt``."""
+    if prompt is None:
+        prompt = Prompt(
+            shape=str(rng.choice(SHAPES)),
+            colour=str(rng.choice(list(COLOURS))),
+            position=str(rng.choice(list(POSITIONS))),
+            background=str(rng.choice(list(BACKGROUNDS))),
+        )
+    dx, dy = rng.uniform(-MAX_OFFSET, MAX_OFFSET, size=2)
+    return Scene(
+        prompt.shape,
+        prompt.colour,
+        prompt.position,
+        prompt.background,
+        size=float(rng.uniform(*SIZE_RANGE)),
+        dx=float(dx),
+        dy=float(dy),
+    )
+
+
+def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
+    """Draw the scene at ``SUPERSAMPLING`` times the resolution and box-filter it down (anti-aliasing).
+
+    Sizes and offsets are in px at ``RESOLUTION`` and scale with ``resolution``.
+    """
+    scale = resolution / RESOLUTION * SUPERSAMPLING
+    side = resolution * SUPERSAMPLING
+    image = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
+    (x, y), _ = POSITIONS[scene.position]
+    cx, cy = x * side + scene.dx * scale, y * side + scene.dy * scale
+    half = scene.size * scale / 2
+    box = (cx - half, cy - half, cx + half, cy + half)
+    draw = ImageDraw.Draw(image)
+    fill = COLOURS[scene.colour]
+    if scene.shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif scene.shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
+    return image.resize((resolution, resolution), Image.Resampling.BOX)
+
+
+def all_prompts() -> list[Prompt]:
+    """Every attribute combination, in a fixed order."""
+    return [Prompt(*values) for values in itertools.product(SHAPES, COLOURS, POSITIONS, BACKGROUNDS)]
+
+
+def _split(seed: int = 0, every: int = 5) -> tuple[list[str], list[str]]:
+    prompts = all_prompts()
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    held_out = set(order[::every].tolist())
+    train = [caption(p) for i, p in enumerate(prompts) if i not in held_out]
+    evaluation = [caption(p) for i, p in enumerate(prompts) if i in held_out]
+    return train, evaluation
+
+
+TRAIN_PROMPTS, EVAL_PROMPTS = _split()
