@@ -183,3 +183,21 @@ def test_sdxl_configs_build_the_sdxl_module_at_1024_px(name, tiny_sdxl, tiny_dat
     assert cli.datamodule.hparams.resolution == 1024
     caps = [c.max_divergence for c in cli.trainer.callbacks if isinstance(c, ReferenceModelUpdate)]
     assert caps == ([] if name == "sdxl_dpo" else [0.002])
+
+
+def test_cache_command_then_fit_from_cache(tiny_sdxl, tiny_data, tmp_path):
+    from lightning_refdpo.cli import main
+
+    common = [
+        f"--config={CONFIGS / 'tiny.yaml'}",
+        "--model.class_path=lightning_refdpo.sdxl.StableDiffusionXLDPOModule",
+        f"--model.init_args.pretrained_model_name_or_path={tiny_sdxl}",
+        f"--data.init_args.data_files={json.dumps(tiny_data)}",
+        "--data.init_args.random_crop=true",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+    ]
+    path = main(["cache", *common, f"--output={tmp_path / 'cache'}"])
+    cli = main(["fit", *common, f"--data.init_args.latent_cache={path}", "--trainer.max_steps=2"])
+    assert type(cli.model) is StableDiffusionXLDPOModule
+    assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
