@@ -37,12 +37,19 @@ def main(args: list[str] | None = None) -> LightningCLI | dict:
         from lightning_refdpo.export import export_checkpoint
 
         return CLI(export_checkpoint, args=argv[1:], as_positional=False)
+    return build_cli(args)
+
+
+def build_cli(args: list[str] | None, run: bool = True) -> LightningCLI:
+    """The training CLI over any ``DiffusionDPOModule`` and ``PreferenceDataModule`` subclass;
+    ``run=False`` only builds the model, data and trainer of ``args``."""
     return RefDPOCLI(
         DiffusionDPOModule,
         PreferenceDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        run=run,
         args=args,
     )
 
@@ -70,14 +77,7 @@ def cache_command(argv: list[str]) -> str:
     own.add_argument("--output", required=True)
     own.add_argument("--cache_batch_size", type=int, default=8)
     args, rest = own.parse_known_args(argv)
-    cli = LightningCLI(
-        DiffusionDPOModule,
-        PreferenceDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        run=False,
-        args=rest,
-    )
+    cli = build_cli(rest, run=False)
     data, module = cli.datamodule, cli.model.to(cli.trainer.strategy.root_device).eval()
     transform = PairTransform(data.hparams.resolution, random_crop=False, random_flip=False)
     splits = {"train": data.load_pairs(data.hparams.train_split, data.hparams.max_train_samples, transform)}

@@ -181,16 +181,15 @@ def pipeline_from_export(source: str | Path, **from_pretrained_kwargs: Any) -> A
     from lightning_refdpo.hub import load_component
 
     path = Path(source)
+    dtype = from_pretrained_kwargs.get("torch_dtype")
     if path.suffix == ".ckpt":
         module = load_module(path)
         pipeline = module.build_pipeline()
         pipeline.scheduler = base_scheduler(module)
-        dtype = from_pretrained_kwargs.get("torch_dtype")
         return pipeline.to(dtype) if dtype is not None else pipeline
     if (path / "model_index.json").is_file() or not (path / EXPORT_INFO).is_file():
         return load_component(DiffusionPipeline, str(source), **from_pretrained_kwargs)
     info = json.loads((path / EXPORT_INFO).read_text())
-    dtype = from_pretrained_kwargs.get("torch_dtype")
     components = {}
     if info["vae"]:
         components["vae"] = load_component(AutoencoderKL, info["vae"], torch_dtype=dtype)

@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
 from PIL import Image
 
-from lightning_refdpo import DiffusionDPOModule, PreferenceDataModule, ReferenceModelUpdate, lora
+from lightning_refdpo import PreferenceDataModule, ReferenceModelUpdate, lora
 from lightning_refdpo.callbacks import PreferenceEvaluation
+from lightning_refdpo.cli import build_cli, main
 from lightning_refdpo.data.latent_cache import CachedPreferenceCollator, load_empty_prompt, write_latent_cache
 from lightning_refdpo.data.preference import PairTransform, PreferenceCollator
 from lightning_refdpo.sdxl import StableDiffusionXLDPOModule
@@ -160,11 +160,7 @@ def test_sdxl_configs_build_the_sdxl_module_at_1024_px(name, tiny_sdxl, tiny_dat
     assert yaml.safe_load(config.read_text())["model"]["init_args"]["vae_name_or_path"] == (
         "madebyollin/sdxl-vae-fp16-fix"
     )
-    cli = LightningCLI(
-        DiffusionDPOModule,
-        PreferenceDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
+    cli = build_cli(
         run=False,
         args=[
             f"--config={config}",
@@ -186,8 +182,6 @@ def test_sdxl_configs_build_the_sdxl_module_at_1024_px(name, tiny_sdxl, tiny_dat
 
 
 def test_cache_command_then_fit_from_cache(tiny_sdxl, tiny_data, tmp_path):
-    from lightning_refdpo.cli import main
-
     common = [
         f"--config={CONFIGS / 'tiny.yaml'}",
         "--model.class_path=lightning_refdpo.sdxl.StableDiffusionXLDPOModule",

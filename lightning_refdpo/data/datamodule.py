@@ -175,6 +175,14 @@ class PreferenceDataModule(LightningDataModule):
             return CachedPreferenceCollator(load_empty_prompt(self.hparams.latent_cache))
         return PreferenceCollator()
 
+    def loader_options(self) -> dict[str, Any]:
+        """``DataLoader`` arguments shared by the train and validation loaders."""
+        return {
+            "collate_fn": self.collator(),
+            "num_workers": self.hparams.num_workers,
+            "pin_memory": self.hparams.pin_memory and torch.cuda.is_available(),
+        }
+
     def train_dataloader(self) -> ResumableDataLoader | EpochDataLoader:
         trainer = self.trainer
         if isinstance(self.splits["train"], StreamingPreferencePairs):
@@ -182,10 +190,8 @@ class PreferenceDataModule(LightningDataModule):
                 self.splits["train"],
                 trainer,
                 batch_size=self.train_batch_size,
-                collate_fn=self.collator(),
-                num_workers=self.hparams.num_workers,
-                pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
                 drop_last=True,
+                **self.loader_options(),
             )
         return resumable_loader(
             self.splits["train"],
@@ -193,9 +199,7 @@ class PreferenceDataModule(LightningDataModule):
             self.seed,
             num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
-            collate_fn=self.collator(),
-            num_workers=self.hparams.num_workers,
-            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            **self.loader_options(),
         )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -212,8 +216,6 @@ class PreferenceDataModule(LightningDataModule):
         return torch.utils.data.DataLoader(
             self.splits["validation"],
             batch_size=self.hparams.val_batch_size,
-            collate_fn=self.collator(),
-            num_workers=self.hparams.num_workers,
-            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.hparams.num_workers > 0,
+            **self.loader_options(),
         )
