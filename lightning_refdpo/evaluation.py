@@ -131,16 +131,17 @@ def log_image(trainer, tag: str, image: Image.Image, step: int) -> Path:
     return path
 
 
-def load_pipeline(model: str, device: str) -> tuple[object, object | None]:
+def load_pipeline(model: str, device: str, base_model: str | None = None) -> tuple[object, object | None]:
     """A pipeline for ``model``: a Lightning checkpoint (the policy; the initial model comes back as
     the second value), an export folder of ``lightning-refdpo export`` or a diffusers pipeline
-    folder / hub id (second value ``None``)."""
+    folder / hub id (second value ``None``). ``base_model`` replaces the base model that a
+    checkpoint or export names."""
     from lightning_refdpo.export import load_module, pipeline_from_export
 
     if model.endswith(".ckpt"):
-        module = load_module(model).to(device)
-        return module.build_pipeline(), module
-    return pipeline_from_export(model).to(device), None
+        module = load_module(model, **({"pretrained_model_name_or_path": base_model} if base_model else {}))
+        return module.to(device).build_pipeline(), module
+    return pipeline_from_export(model, base_model=base_model).to(device), None
 
 
 def paper_scorers() -> list[RewardScore]:
@@ -164,6 +165,7 @@ def evaluate_model(
     batch_size: int = 8,
     device: str = "auto",
     output: str = "evaluation",
+    base_model: str | None = None,
 ) -> dict:
     """Score ``model`` against ``baseline`` on each prompt set; write ``results.json`` and ``results.md``.
 
@@ -177,13 +179,15 @@ def evaluate_model(
         max_prompts: keep the first N prompts of each set.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ...
         output: folder for ``results.json`` and ``results.md``.
+        base_model: the base model's hub id or folder for ``model``, instead of the one its
+            checkpoint or export names (a folder that has moved).
     """
     from lightning_refdpo.prompts import load_prompts
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     config = GenerationConfig(num_inference_steps, guidance_scale, resolution, scheduler, batch_size)
     named = {type(s).__name__: s.to(device) for s in (scorers or paper_scorers())}
-    pipeline, module = load_pipeline(model, device)
+    pipeline, module = load_pipeline(model, device, base_model)
     if baseline is None and module is None:
         raise ValueError("evaluate needs --baseline when --model is not a training checkpoint")
     baseline_pipeline = load_pipeline(baseline, device)[0] if baseline is not None else None

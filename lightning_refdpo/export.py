@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from lightning_refdpo import lora
+from lightning_refdpo.hub import ModelLoadError
 from lightning_refdpo.model_card import model_card
 from lightning_refdpo.module import DiffusionDPOModule
 
@@ -56,7 +58,14 @@ def load_module(ckpt_path: str | Path, **overrides: Any) -> DiffusionDPOModule:
     with warnings.catch_warnings():
         # The frozen parts are reloaded from the model id by design (``on_load_checkpoint`` checks the rest).
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in")
-        module = cls.load_from_checkpoint(str(ckpt_path), map_location="cpu", weights_only=False, **overrides)
+        try:
+            module = cls.load_from_checkpoint(
+                str(ckpt_path), map_location="cpu", weights_only=False, **overrides
+            )
+        except ModelLoadError as err:
+            raise ModelLoadError(
+                f"{err} If the base model has moved, pass its new place with --base_model."
+            ) from None
     return module.eval()
 
 
@@ -106,6 +115,7 @@ def export_checkpoint(
     output: str,
     pipeline: bool = False,
     evaluation: str | None = None,
+    base_model: str | None = None,
 ) -> Path:
     """Export the policy of a training checkpoint for diffusers, with a model card.
 
@@ -116,16 +126,22 @@ def export_checkpoint(
         ckpt_path: a Lightning checkpoint written by ``lightning-refdpo fit``.
         output: the export folder (created; files of a previous export are overwritten).
         pipeline: also write the whole pipeline, loadable by ``DiffusionPipeline.from_pretrained``.
-        evaluation: a ``results.json`` of ``lightning-refdpo evaluate`` whose figures go into the
-            model card.
+        evaluation: a ``results.json`` of ``lightning-refdpo evaluate`` of this checkpoint (or of an
+            export of it) whose figures go into the model card; results of another model are refused.
+        base_model: the base model's hub id or folder, instead of the one the checkpoint names (a
+            folder that has moved).
     """
     from lightning_refdpo.evaluation import results_table
 
+    results = json.loads(Path(evaluation).read_text()) if evaluation else None
+    if results is not None:
+        check_evaluation_of(results, ckpt_path, evaluation)
+    check_writable_folder(output, "--output")
     checkpoint = read_checkpoint(ckpt_path)
-    module = load_module(ckpt_path)
-    hp = {**module.hparams, **checkpoint["hyper_parameters"]}  # as trained, not as reloaded for export
+    overrides = {"pretrained_model_name_or_path": base_model} if base_model else {}
+    module = load_module(ckpt_path, **overrides)
+    hp = {**module.hparams, **checkpoint["hyper_parameters"], **overrides}  # as trained, not as reloaded
     output_dir = Path(output)
-    output_dir.mkdir(parents=True, exist_ok=True)
     weights = "lora" if module.uses_lora else "unet"
     if module.uses_lora:
         save_lora(module, output_dir)
@@ -143,6 +159,7 @@ def export_checkpoint(
         "vae": hp["vae_name_or_path"],
         "weights": weights,
         "pipeline_class": pipeline_class,
+        "checkpoint": str(Path(ckpt_path).resolve()),
     }
     (output_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2))
     training_config = Path(ckpt_path).resolve().parent.parent / "config.yaml"
@@ -156,7 +173,7 @@ def export_checkpoint(
         global_step=checkpoint.get("global_step", 0),
         data_hparams=checkpoint.get("datamodule_hyper_parameters"),
         training_config=training_config.read_text() if training_config.is_file() else None,
-        evaluation=results_table(json.loads(Path(evaluation).read_text())) if evaluation else None,
+        evaluation=results_table(results) if results else None,
         has_pipeline=pipeline,
     )
     (output_dir / "README.md").write_text(card)
@@ -164,7 +181,59 @@ def export_checkpoint(
     return output_dir
 
 
-def pipeline_from_export(source: str | Path, **from_pretrained_kwargs: Any) -> Any:
+def check_evaluation_of(results: dict, ckpt_path: str | Path, evaluation: str | Path) -> None:
+    """Refuse evaluation ``results`` of a model other than checkpoint ``ckpt_path``: their ``model``
+    must be that checkpoint or an export folder written from it (its ``export.json``)."""
+    evaluated = Path(str(results.get("model", "")))
+    checkpoint = Path(ckpt_path).resolve()
+    info = evaluated / EXPORT_INFO
+    source = json.loads(info.read_text()).get("checkpoint") if info.is_file() else str(evaluated.resolve())
+    if source is None or Path(source).resolve() != checkpoint:
+        raise ValueError(
+            f"--evaluation {evaluation} holds the results of {results.get('model')!r}, not of {ckpt_path}; "
+            f"evaluate this checkpoint first: lightning-refdpo evaluate {ckpt_path} ..."
+        )
+
+
+def check_writable_folder(folder: str | Path, option: str) -> Path:
+    """Create ``folder`` and check that a file can be written in it, before any long work."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"{option} {folder} is not a writable folder: {err.strerror or err}") from None
+    return path
+
+
+def check_model_source(source: str, option: str) -> str:
+    """``source`` if it can be a model for ``evaluate``: a checkpoint file, an export folder, a
+    diffusers pipeline folder, or a hub id (``owner/name``) that is not a local path. Local paths
+    come back absolute (so ``results.json`` names them wherever it is read). Anything else is
+    refused before a model is loaded."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".ckpt":
+        return str(path.resolve())
+    if path.is_dir() and ((path / EXPORT_INFO).is_file() or (path / "model_index.json").is_file()):
+        return str(path.resolve())
+    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", source) and path.suffix != ".ckpt":
+        return source
+    kind = (
+        "no such file or folder"
+        if not path.exists()
+        else "neither a .ckpt checkpoint nor an export or pipeline folder"
+    )
+    raise ValueError(
+        f"{option} {source}: {kind} (expected a checkpoint of lightning-refdpo fit, a folder of "
+        "lightning-refdpo export, a diffusers pipeline folder or a hub id)"
+    )
+
+
+def pipeline_from_export(
+    source: str | Path, base_model: str | None = None, **from_pretrained_kwargs: Any
+) -> Any:
     """A ready diffusers pipeline (the base model's scheduler) from any of:
 
     - a Lightning checkpoint (``.ckpt``): the policy of :func:`load_module` (``torch_dtype``, if
@@ -174,6 +243,7 @@ def pipeline_from_export(source: str | Path, **from_pretrained_kwargs: Any) -> A
       LoRA loaded (``load_lora_weights``) or the UNet replaced;
     - any other diffusers pipeline folder or hub id.
 
+    ``base_model`` replaces the base model a checkpoint or ``export.json`` names (a moved folder);
     ``from_pretrained_kwargs`` (``torch_dtype``, ``variant``, ...) go to ``from_pretrained``.
     """
     from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
@@ -183,7 +253,7 @@ def pipeline_from_export(source: str | Path, **from_pretrained_kwargs: Any) -> A
     path = Path(source)
     dtype = from_pretrained_kwargs.get("torch_dtype")
     if path.suffix == ".ckpt":
-        module = load_module(path)
+        module = load_module(path, **({"pretrained_model_name_or_path": base_model} if base_model else {}))
         pipeline = module.build_pipeline()
         pipeline.scheduler = base_scheduler(module)
         return pipeline.to(dtype) if dtype is not None else pipeline
@@ -196,7 +266,7 @@ def pipeline_from_export(source: str | Path, **from_pretrained_kwargs: Any) -> A
     if info["weights"] == "unet":
         components["unet"] = load_component(UNet2DConditionModel, str(path), "unet", torch_dtype=dtype)
     kwargs = {"revision": info["revision"], "variant": info["variant"], **from_pretrained_kwargs}
-    pipeline = load_component(DiffusionPipeline, info["base_model"], **components, **kwargs)
+    pipeline = load_component(DiffusionPipeline, base_model or info["base_model"], **components, **kwargs)
     if info["weights"] == "lora":
         pipeline.load_lora_weights(str(path))
     return pipeline

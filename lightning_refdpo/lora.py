@@ -31,21 +31,26 @@ def add_policy_and_reference(
 
     Both start as the same zero-effect LoRA (Gaussian ``A``, zero ``B``, as in the diffusers
     training examples), so at step 0 the policy, the reference and the initial model agree.
+    ``dropout`` applies to the policy only: the reference's forward must be deterministic (a
+    dropped-out reference would give ``h != 0`` right after a hard copy and a noisy divergence).
     """
     unet.requires_grad_(False)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        init_lora_weights="gaussian",
-        target_modules=list(target_modules),
-    )
-    unet.add_adapter(config, adapter_name=POLICY)
+
+    def config(dropout: float) -> LoraConfig:
+        return LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            init_lora_weights="gaussian",
+            target_modules=list(target_modules),
+        )
+
+    unet.add_adapter(config(dropout), adapter_name=POLICY)
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message="Already found a `peft_config`"
         )  # the second adapter is intended
-        unet.add_adapter(config, adapter_name=REFERENCE)
+        unet.add_adapter(config(0.0), adapter_name=REFERENCE)
     copy_adapter(unet, POLICY, REFERENCE)
     set_adapter(unet, POLICY)
 

@@ -20,16 +20,18 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_refdpo import lora
 from lightning_refdpo.data.draws import LATENT_STREAM, NOISE_STREAM, pair_normal
 from lightning_refdpo.hub import load_component
 from lightning_refdpo.losses import DEFAULT_IPO_TAU, LOSS_TYPES, implicit_reward_margin, preference_loss
-from lightning_refdpo.timesteps import reward_scale_schedule
+from lightning_refdpo.timesteps import inverse_sqrt_snr, reward_scale_schedule
 
 # The frozen VAE, text encoder and UNet copies stay in eval mode on purpose (see ``train``).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -44,7 +46,9 @@ class DiffusionDPOModule(LightningModule):
 
     Args:
         pretrained_model_name_or_path: hub id or local folder in the diffusers layout (``unet``,
-            ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``).
+            ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``). A local folder is stored as an
+            absolute path (hyperparameters, checkpoints), so exports and evaluations of a checkpoint
+            work from any directory.
         revision, variant: passed to every ``from_pretrained`` (e.g. ``variant="fp16"``).
         vae_name_or_path: a VAE to use instead of the model's own (a hub id or folder holding an
             ``AutoencoderKL``), e.g. ``madebyollin/sdxl-vae-fp16-fix``, the SDXL VAE that does not
@@ -57,13 +61,16 @@ class DiffusionDPOModule(LightningModule):
         lora_rank: ``None`` trains the full UNet; an int trains peft LoRA adapters of that rank.
         lora_alpha: LoRA scaling numerator (default: ``lora_rank``).
         lora_target_modules: UNet modules to adapt (default: the attention projections).
-        lora_dropout: dropout inside the policy adapter.
+        lora_dropout: dropout inside the policy adapter only: the reference adapter has none, so
+            reference and initial forwards are deterministic.
         learning_rate: per-pair learning rate; with ``scale_lr`` it is multiplied by the effective
             batch ``batch_size * accumulate_grad_batches * world_size`` (Diffusion-DPO: 1e-8 x 2048).
         lr_scheduler, lr_warmup_steps: a ``diffusers.optimization.get_scheduler`` name and warm-up.
         adam_*: AdamW settings (the Diffusion-DPO script's defaults).
         frozen_dtype: dtype of the frozen reference/initial UNet copies in full fine-tuning
-            (``bfloat16`` halves their memory on GPU); ``None`` keeps the policy's dtype.
+            (``bfloat16`` halves their memory on GPU); ``None`` keeps the policy's dtype. A reference
+            in 16 bits cannot take a soft update (``ReferenceModelUpdate.alpha < 1``): steps below its
+            rounding would vanish, so the combination is refused.
         gradient_checkpointing: recompute UNet activations in the backward pass.
         attention: UNet attention processor: ``sdpa`` (PyTorch scaled-dot-product attention, which
             picks flash / memory-efficient kernels on GPU), ``xformers`` or ``eager``.
@@ -72,12 +79,15 @@ class DiffusionDPOModule(LightningModule):
         validation_seed: seed of the timesteps and noise of validation, fixed so epochs compare.
         max_nonfinite_steps: a step whose loss is NaN or infinite on any rank is skipped on every
             rank (no update) and counted in ``train/nonfinite_steps``; this many in a row stop the
-            run with :class:`NonFiniteLossError` (``OnExceptionCheckpoint`` then saves a checkpoint).
+            run with :class:`NonFiniteLossError` (the CLI then saves ``on_exception.ckpt``).
+        max_skipped_share: stop with :class:`UndecodablePairsError` at the end of an epoch (or of
+            training) when more than this share of the training pairs loaded so far, over all ranks,
+            could not be decoded, instead of training on what is left (or on nothing).
     """
 
     def __init__(
         self,
-        pretrained_model_name_or_path: str = "runwayml/stable-diffusion-v1-5",
+        pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
         revision: str | None = None,
         variant: str | None = None,
         vae_name_or_path: str | None = None,
@@ -105,18 +115,21 @@ class DiffusionDPOModule(LightningModule):
         compile_unet: bool = False,
         validation_seed: int = 0,
         max_nonfinite_steps: int = 5,
+        max_skipped_share: float = 0.5,
     ) -> None:
         super().__init__()
         if max_nonfinite_steps < 1:
             raise ValueError(f"model.max_nonfinite_steps must be >= 1; got {max_nonfinite_steps}")
+        if not 0.0 <= max_skipped_share <= 1.0:
+            raise ValueError(f"model.max_skipped_share must be in [0, 1]; got {max_skipped_share}")
         _check_config(
             loss_type, beta, label_smoothing, ipo_tau, lora_rank, learning_rate, frozen_dtype, attention
         )
         self.save_hyperparameters()
+        for key in ("pretrained_model_name_or_path", "vae_name_or_path"):
+            self.hparams[key] = absolute_if_local(self.hparams[key])
         self.load_components()
-        self.register_buffer(
-            "reward_scales", reward_scale_schedule(self.noise_scheduler.alphas_cumprod), persistent=False
-        )
+        self.register_buffer("reward_scales", self.reward_scale_schedule(), persistent=False)
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
         if self.uses_lora:
@@ -137,6 +150,7 @@ class DiffusionDPOModule(LightningModule):
             _configure_unet(unet, attention, channels_last, compile_unet)
         self.nonfinite_steps = 0
         self.nonfinite_in_a_row = 0
+        self.pairs_loaded = self.pairs_skipped = 0
         self.train()
         # Frozen parts (VAE, text encoder, initial UNet, LoRA base weights) reload from the model id.
         self.strict_loading = False
@@ -166,6 +180,19 @@ class DiffusionDPOModule(LightningModule):
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
+
+    def reward_scale_schedule(self) -> torch.Tensor:
+        """``lambda(t)`` for every training timestep (``timesteps.reward_scale_schedule``). For a
+        zero-terminal-SNR scheduler (``rescale_betas_zero_snr``), ``1/sqrt(SNR)`` is infinite at
+        ``T-1`` and explodes near it; it is clipped at the largest value of the same scheduler
+        without the rescaling, so ``lambda`` matches that schedule's wherever the two agree in
+        range and is 2 on the noisiest steps."""
+        config = self.noise_scheduler.config
+        cap = None
+        if config.get("rescale_betas_zero_snr"):
+            plain = type(self.noise_scheduler).from_config(config, rescale_betas_zero_snr=False)
+            cap = float(inverse_sqrt_snr(plain.alphas_cumprod).max())
+        return reward_scale_schedule(self.noise_scheduler.alphas_cumprod, max_inverse_sqrt_snr=cap)
 
     def unets(self) -> list[torch.nn.Module]:
         """Every distinct UNet held: the policy, and in full fine-tuning the two frozen copies."""
@@ -298,9 +325,15 @@ class DiffusionDPOModule(LightningModule):
         return (model_pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, target.ndim)))
 
     def preference_step(
-        self, batch: dict[str, Any], timesteps: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        batch: dict[str, Any],
+        timesteps: torch.Tensor,
+        generator: torch.Generator | None = None,
+        against_initial: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Per-pair loss, margin ``h`` and prediction errors of a preference batch at ``timesteps``.
+        """Per-pair loss, margin ``h`` and prediction errors of a preference batch at ``timesteps``;
+        with ``against_initial`` also ``initial_margin``, the margin with the initial model as the
+        reference (one more no-grad forward).
 
         The policy sees winners and losers in one batched forward, the reference in one no-grad
         forward; both share ``t`` and the noise within a pair. Noise comes from ``generator`` when
@@ -330,6 +363,14 @@ class DiffusionDPOModule(LightningModule):
         ).chunk(2)
 
         weights = self.reward_scales[timesteps[: len(model_mse_w)]] if self.hparams.reward_scale else None
+        extra = {}
+        if against_initial:
+            with torch.no_grad(), self.initial_model() as initial:
+                init_mse = self.prediction_error(self.predict(initial, noisy, timesteps, cond), target)
+            init_mse_w, init_mse_l = init_mse.chunk(2)
+            extra["initial_margin"] = implicit_reward_margin(
+                model_mse_w, model_mse_l, init_mse_w, init_mse_l, weights
+            ).detach()
         losses = preference_loss(
             model_mse_w,
             model_mse_l,
@@ -350,14 +391,19 @@ class DiffusionDPOModule(LightningModule):
             "mse_l": model_mse_l.detach(),
             "ref_mse_w": ref_mse_w,
             "ref_mse_l": ref_mse_l,
+            **extra,
         }
 
     @staticmethod
     def summarize(per_pair: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Batch means of :meth:`preference_step` (the loss averaged *after* the log-sigmoid) and
-        the implicit accuracy ``mean(h > 0)``."""
+        the implicit accuracy ``mean(h > 0)`` with ties ``h == 0`` counted as 1/2: a reference just
+        copied from the policy gives ``h = 0`` exactly, which is a coin flip, not a miss. With
+        ``initial_margin``, also ``implicit_acc_initial`` against the initial model."""
         figures = {k: v.mean() for k, v in per_pair.items()}
-        figures["implicit_acc"] = (per_pair["reward_margin"] > 0).float().mean()
+        figures["implicit_acc"] = implicit_accuracy(per_pair["reward_margin"])
+        if "initial_margin" in per_pair:
+            figures["implicit_acc_initial"] = implicit_accuracy(per_pair["initial_margin"])
         return figures
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -391,6 +437,8 @@ class DiffusionDPOModule(LightningModule):
             )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self.pairs_skipped += int(batch.get("num_skipped", 0))
+        self.pairs_loaded += int(batch.get("num_skipped", 0)) + len(batch["caption"])
         if batch.get("num_skipped"):
             self.log(
                 "train/skipped_pairs",
@@ -406,6 +454,30 @@ class DiffusionDPOModule(LightningModule):
             return None
         self._log_figures("train", out, len(batch["caption"]), on_step=True, sync_dist=True)
         return out["loss"]
+
+    def on_train_epoch_end(self) -> None:
+        self.check_skipped_pairs()
+
+    def on_train_end(self) -> None:
+        self.check_skipped_pairs()
+
+    def check_skipped_pairs(self) -> None:
+        """Report the undecodable training pairs on the console and stop with
+        :class:`UndecodablePairsError` when they exceed ``max_skipped_share`` of the pairs loaded
+        (counts summed over ranks, so every rank decides alike)."""
+        counts = torch.tensor(
+            [self.pairs_skipped, self.pairs_loaded], dtype=torch.float64, device=self.device
+        )
+        skipped, loaded = (int(x) for x in self.trainer.strategy.reduce(counts, reduce_op="sum").tolist())
+        if not skipped:
+            return
+        message = f"{skipped} of {loaded} training pairs could not be decoded and were skipped"
+        if skipped > self.hparams.max_skipped_share * loaded:
+            raise UndecodablePairsError(
+                f"{message}: more than model.max_skipped_share={self.hparams.max_skipped_share} of them. "
+                "Check the image columns (jpg_0, jpg_1) of the training data."
+            )
+        rank_zero_warn(f"{message} (train/skipped_pairs)")
 
     def skip_nonfinite(self, loss: torch.Tensor) -> bool:
         """Whether to skip this step: the loss is non-finite on at least one rank (decided on the
@@ -434,7 +506,9 @@ class DiffusionDPOModule(LightningModule):
         generator = torch.Generator().manual_seed(self.hparams.validation_seed + batch_idx)
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, num_timesteps, (len(batch["caption"]),), generator=generator)
-        out = self.summarize(self.preference_step(batch, timesteps, generator=generator))
+        out = self.summarize(
+            self.preference_step(batch, timesteps, generator=generator, against_initial=True)
+        )
         self._log_figures("val", out, len(batch["caption"]), on_step=False, sync_dist=True)
         return out["loss"]
 
@@ -501,12 +575,20 @@ class DiffusionDPOModule(LightningModule):
             self.reference_unet.load_state_dict(self.initial_unet.state_dict())
 
     def reference_state(self) -> dict[str, torch.Tensor]:
-        """A detached copy of the reference weights (to undo a rejected soft update)."""
+        """A copy of the reference weights in CPU memory (to undo a rejected update without a second
+        reference on the accelerator)."""
         if self.uses_lora:
-            return {
-                k: p.detach().clone() for k, p in lora.adapter_parameters(self.unet, lora.REFERENCE).items()
-            }
-        return {k: v.detach().clone() for k, v in self.reference_unet.state_dict().items()}
+            state = lora.adapter_parameters(self.unet, lora.REFERENCE)
+        else:
+            state = self.reference_unet.state_dict()
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    @property
+    def reference_dtype(self) -> torch.dtype:
+        """The dtype the reference weights are stored in."""
+        if self.uses_lora:
+            return next(iter(lora.adapter_parameters(self.unet, lora.REFERENCE).values())).dtype
+        return next(self.reference_unet.parameters()).dtype
 
     @torch.no_grad()
     def load_reference_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -523,19 +605,28 @@ class DiffusionDPOModule(LightningModule):
         num_samples: int,
         candidate: str = "policy",
         generator: torch.Generator | None = None,
+        sample_seeds: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """``D = mean(mse_cand(x^w) - mse_init(x^w))`` on ``num_samples`` winners of ``batch``.
 
         The forward-process estimate of ``KL(p_cand || p_init)`` of arXiv 2505.18736 (Eq. 8) with
-        the constant timestep weighting of Diffusion-DPO; ``t ~ U{0..T-1}`` and the noise come from
+        the constant timestep weighting of Diffusion-DPO, with ``t ~ U{0..T-1}`` and noise drawn for
+        each winner: winner ``i`` draws from a generator seeded with ``sample_seeds[i]`` when given
+        (the same draws wherever the winner is, see ``ReferenceModelUpdate``), else all from
         ``generator``. ``candidate`` is ``"policy"`` or ``"reference"``.
         """
         n = min(num_samples, len(batch["caption"]))
         subset = {k: v[:n] for k, v in batch.items() if isinstance(v, torch.Tensor | list)}
         latents, _, cond = self.encode_batch(subset)
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, num_timesteps, (n,), generator=generator).to(self.device)
-        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        generators = (
+            [torch.Generator().manual_seed(int(seed)) for seed in sample_seeds[:n]]
+            if sample_seeds is not None
+            else [generator] * n
+        )
+        timesteps = torch.stack([torch.randint(0, num_timesteps, (), generator=g) for g in generators])
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+        timesteps, noise = timesteps.to(self.device), noise.to(latents)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = self.diffusion_target(latents, noise, timesteps)
         candidate_model = self.reference_model() if candidate == "reference" else nullcontext(self.unet)
@@ -561,6 +652,7 @@ class DiffusionDPOModule(LightningModule):
         checkpoint["module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
         checkpoint["rng_states"] = _torch_rng_states()
         checkpoint["nonfinite_steps"] = (self.nonfinite_steps, self.nonfinite_in_a_row)
+        checkpoint["logger_version"] = self.logger.version if self.logger is not None else None
         keep = set(self.trainable_and_reference_keys())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
@@ -580,6 +672,23 @@ class DiffusionDPOModule(LightningModule):
 
 class NonFiniteLossError(RuntimeError):
     """Raised after ``max_nonfinite_steps`` training steps in a row had a NaN or infinite loss."""
+
+
+class UndecodablePairsError(RuntimeError):
+    """Raised when more than ``max_skipped_share`` of the training pairs could not be decoded."""
+
+
+def implicit_accuracy(margin: torch.Tensor) -> torch.Tensor:
+    """``mean(h > 0)`` with ties ``h == 0`` counted as 1/2."""
+    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
+
+
+def absolute_if_local(name_or_path: str | None) -> str | None:
+    """``name_or_path`` as an absolute path when it names an existing local folder, else unchanged
+    (a hub id)."""
+    if name_or_path is None or not Path(name_or_path).expanduser().is_dir():
+        return name_or_path
+    return str(Path(name_or_path).expanduser().resolve())
 
 
 def _torch_rng_states() -> dict[str, Any]:
@@ -607,7 +716,16 @@ def _check_config(
     frozen_dtype: str | None,
     attention: str,
 ) -> None:
-    """Refuse impossible settings before any weights load."""
+    """Refuse impossible settings before any weights load (NaN and infinities included)."""
+    numbers = {
+        "beta": beta,
+        "learning_rate": learning_rate,
+        "label_smoothing": label_smoothing,
+        "ipo_tau": ipo_tau,
+    }
+    for name, value in numbers.items():
+        if not math.isfinite(value):
+            raise ValueError(f"model.{name} must be a finite number; got {value}")
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"model.loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
     if beta <= 0:

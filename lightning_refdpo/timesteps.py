@@ -11,19 +11,35 @@ from abc import ABC, abstractmethod
 import torch
 
 
-def reward_scale_schedule(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def inverse_sqrt_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """``s(t) = 1 / sqrt(SNR(t)) = sqrt((1 - abar_t) / abar_t)`` in float64 (infinite where
+    ``abar_t = 0``)."""
+    abar = alphas_cumprod.double()
+    return torch.sqrt((1.0 - abar) / abar)
+
+
+def reward_scale_schedule(
+    alphas_cumprod: torch.Tensor, max_inverse_sqrt_snr: float | None = None
+) -> torch.Tensor:
     """``lambda(t) = 1 + norm(s(t))`` with ``s(t) = 1 / sqrt(SNR(t)) = sqrt((1 - abar_t) / abar_t)``.
 
     ``norm`` is the min-max normalisation over ``t = 0 .. T-1``, so ``lambda`` rises from 1 at the
     cleanest step to 2 at the noisiest (METHOD.md 3b). ``alphas_cumprod`` is the scheduler's
     ``abar_t`` for every training timestep, shape ``(T,)``.
+
+    Zero terminal SNR (``abar_{T-1} = 0``, diffusers' ``rescale_betas_zero_snr``) makes ``s`` infinite
+    there, and the plain formula gives ``lambda(T-1) = NaN`` and ``lambda = 1`` everywhere else.
+    ``s`` is therefore clipped at ``max_inverse_sqrt_snr`` (``DiffusionDPOModule`` passes the largest
+    ``s`` of the same scheduler without the rescaling) or, without it, at its largest finite value,
+    so ``lambda`` is finite and equals 2 on the steps at or beyond the clip.
     """
-    abar = alphas_cumprod.double()
-    inverse_sqrt_snr = torch.sqrt((1.0 - abar) / abar)
-    lo, hi = inverse_sqrt_snr.min(), inverse_sqrt_snr.max()
+    s = inverse_sqrt_snr(alphas_cumprod)
+    cap = max_inverse_sqrt_snr if max_inverse_sqrt_snr is not None else s[torch.isfinite(s)].max()
+    s = s.clamp(max=cap)
+    lo, hi = s.min(), s.max()
     if hi <= lo:
         raise ValueError("alphas_cumprod must vary over t to define a reward scale schedule")
-    return (1.0 + (inverse_sqrt_snr - lo) / (hi - lo)).to(alphas_cumprod.dtype)
+    return (1.0 + (s - lo) / (hi - lo)).to(alphas_cumprod.dtype)
 
 
 class TimestepSampler(ABC):

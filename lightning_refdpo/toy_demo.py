@@ -48,9 +48,9 @@ GENERATION = {"num_inference_steps": 25, "guidance_scale": 6.0, "batch_size": 64
 
 def fit(config: str | Path, overrides: Sequence[str] = ()) -> Any:
     """``lightning-refdpo fit --config CONFIG OVERRIDES...`` in this process; the trained module."""
-    from lightning_refdpo.cli import main
+    from lightning_refdpo.cli import run_cli
 
-    cli = main(["fit", "--config", str(config), *overrides])
+    cli = run_cli(["fit", "--config", str(config), *overrides])
     return cli.model.eval()
 
 

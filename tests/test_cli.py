@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_refdpo.cli import main
+from lightning_refdpo.cli import run_cli
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 
@@ -22,7 +22,7 @@ def tiny_args(tiny_model, tiny_data, root, *extra):
 
 
 def test_fit_tiny_config_end_to_end_and_resume(tiny_model, tiny_data, tmp_path):
-    cli = main(["fit", *tiny_args(tiny_model, tiny_data, tmp_path, "--trainer.max_steps=4")])
+    cli = run_cli(["fit", *tiny_args(tiny_model, tiny_data, tmp_path, "--trainer.max_steps=4")])
     trainer = cli.trainer
     assert trainer.global_step == 4
     metrics = trainer.callback_metrics
@@ -45,7 +45,7 @@ def test_fit_tiny_config_end_to_end_and_resume(tiny_model, tiny_data, tmp_path):
     callback_state = next(v for k, v in checkpoint["callbacks"].items() if "ReferenceModelUpdate" in k)
     assert callback_state["last_event_step"] == 4
 
-    resumed = main(
+    resumed = run_cli(
         [
             "fit",
             *tiny_args(
@@ -63,7 +63,7 @@ def test_fit_tiny_config_end_to_end_and_resume(tiny_model, tiny_data, tmp_path):
 
 
 def test_fit_lora(tiny_model, tiny_data, tmp_path):
-    cli = main(
+    cli = run_cli(
         [
             "fit",
             *tiny_args(
@@ -80,13 +80,13 @@ def test_fit_lora(tiny_model, tiny_data, tmp_path):
 
 
 def test_validate(tiny_model, tiny_data, tmp_path):
-    cli = main(["validate", *tiny_args(tiny_model, tiny_data, tmp_path)])
+    cli = run_cli(["validate", *tiny_args(tiny_model, tiny_data, tmp_path)])
     assert "val/implicit_acc" in cli.trainer.callback_metrics
 
 
 def test_bad_config_refused_at_start(tiny_model, tiny_data, tmp_path):
     with pytest.raises(ValueError, match="every_n_steps"):
-        main(
+        run_cli(
             [
                 "fit",
                 *tiny_args(tiny_model, tiny_data, tmp_path),

@@ -13,7 +13,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_refdpo import DiffusionDPOModule, PreferenceDataModule
-from lightning_refdpo.cli import RefDPOCLI, main
+from lightning_refdpo.cli import RefDPOCLI, run_cli
 from tests.test_cli import tiny_args
 
 REPO = Path(__file__).parents[1]
@@ -59,7 +59,7 @@ def test_ddp_two_processes_agree_and_match_one_process(tiny_model, tiny_data, tm
         "--trainer.callbacks+=tests.helpers.RecordRank",
     ]
     one = tmp_path / "one"
-    main(["fit", *tiny_args(tiny_model, tiny_data, one, *common, "--data.init_args.train_batch_size=4")])
+    run_cli(["fit", *tiny_args(tiny_model, tiny_data, one, *common, "--data.init_args.train_batch_size=4")])
     ddp = tmp_path / "ddp"
     ddp_options = ["--trainer.devices=2", "--trainer.strategy=ddp", "--data.init_args.train_batch_size=2"]
     launch(["fit", *tiny_args(tiny_model, tiny_data, ddp, *common, *ddp_options)], 2, ddp)
@@ -120,7 +120,7 @@ def test_trainer_picks_up_a_simulated_slurm_job(tiny_model, tiny_data, tmp_path,
 
 def test_fsdp_config_shards_each_unet_and_its_blocks(capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(REPO / "configs" / "sdxl_refdpo_fsdp.yaml"), "--print_config"])
+        run_cli(["fit", "--config", str(REPO / "configs" / "sdxl_refdpo_fsdp.yaml"), "--print_config"])
     printed = capsys.readouterr().out
     assert "class_path: lightning.pytorch.strategies.FSDPStrategy" in printed
     for block in ("UNet2DConditionModel", "BasicTransformerBlock", "ResnetBlock2D"):

@@ -7,7 +7,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_refdpo import PreferenceDataModule
 from lightning_refdpo.callbacks import ImplicitRewardByTimestep, PreferenceEvaluation
-from lightning_refdpo.cli import main
+from lightning_refdpo.cli import run_cli
 from lightning_refdpo.evaluation import image_grid, results_table
 from lightning_refdpo.prompts import load_prompts
 from tests.helpers import Brightness, make_module
@@ -126,7 +126,7 @@ def test_prompt_files_and_unknown_names(tmp_path):
 
 
 def test_evaluate_command_writes_json_and_table(tiny_model, tiny_data, tmp_path):
-    cli = main(
+    cli = run_cli(
         [
             "fit",
             "--config=configs/tiny.yaml",
@@ -139,7 +139,7 @@ def test_evaluate_command_writes_json_and_table(tiny_model, tiny_data, tmp_path)
     )
     ckpt = cli.trainer.checkpoint_callback.best_model_path
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
-    results = main(
+    results = run_cli(
         [
             "evaluate",
             ckpt,
@@ -152,7 +152,7 @@ def test_evaluate_command_writes_json_and_table(tiny_model, tiny_data, tmp_path)
             "--device=cpu",
             f"--output={tmp_path / 'eval'}",
         ]
-    )
+    ).result
     written = json.loads((tmp_path / "eval" / "results.json").read_text())
     entry = written["prompt_sets"][str(tmp_path / "prompts.txt")]
     assert entry["num_images"] == 4 and set(entry["scores"]["Brightness"]) == {

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from lightning_refdpo import PreferenceDataModule
-from lightning_refdpo.cli import main
+from lightning_refdpo.cli import run_cli
 from lightning_refdpo.data.latent_cache import CachedPreferenceCollator, load_empty_prompt, write_latent_cache
 from lightning_refdpo.data.preference import PairTransform, PreferenceCollator
 from tests.helpers import make_batch, make_module
@@ -65,8 +65,8 @@ def test_cache_command_then_fit_from_cache(tiny_model, tiny_data, tmp_path):
         f"--trainer.default_root_dir={tmp_path}",
         "--trainer.enable_progress_bar=false",
     ]
-    path = main(["cache", *common, f"--output={tmp_path / 'cache'}"])
-    cli = main(["fit", *common, f"--data.init_args.latent_cache={path}", "--trainer.max_steps=4"])
+    path = run_cli(["cache", *common, f"--output={tmp_path / 'cache'}"]).result
+    cli = run_cli(["fit", *common, f"--data.init_args.latent_cache={path}", "--trainer.max_steps=4"])
     assert cli.trainer.global_step == 4 and torch.isfinite(cli.trainer.callback_metrics["val/loss"])
 
 

@@ -1,4 +1,5 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -118,13 +119,56 @@ def test_state_round_trip():
         0.01,
         128,
     )
-    torch.rand(3, generator=callback.generator)
     restored = ReferenceModelUpdate()
     restored.load_state_dict(callback.state_dict())
-    assert restored.state_dict()["num_updates"] == 4 and restored.frozen and restored.last_event_step == 128
-    assert torch.equal(
-        torch.rand(2, generator=restored.generator), torch.rand(2, generator=callback.generator)
+    assert restored.state_dict() == callback.state_dict()
+
+
+def event_trainer(step: int = 0, rank: int = 0) -> SimpleNamespace:
+    """What an update event reads of the trainer, for one process."""
+    return SimpleNamespace(
+        global_step=step, global_rank=rank, strategy=SimpleNamespace(reduce=lambda x, **_: x)
     )
+
+
+def test_bf16_reference_measures_zero_divergence_before_training(tiny_model, tiny_data):
+    # The shipped full fine-tuning settings: frozen copies in bf16, an fp32 policy.
+    module = make_module(tiny_model, frozen_dtype="bfloat16")
+    batch = next(iter(training_loader(tiny_data)))
+    callback = ReferenceModelUpdate(every_n_steps=1, max_divergence=0.002, divergence_samples=4)
+    callback.update(event_trainer(), module, batch)
+    assert abs(callback.last_divergence) < 1e-6 and callback.num_updates == 1 and not callback.frozen
+    policy_vs_initial = module.estimate_divergence(
+        batch, 4, "policy", generator=torch.Generator().manual_seed(0)
+    )
+    assert abs(float(policy_vs_initial)) > 1e-6, (
+        "across precisions the gap is not 0 (what the callback avoids)"
+    )
+
+
+def test_divergence_draws_follow_the_pair_not_the_rank(tiny_model, tiny_data):
+    batch = next(iter(training_loader(tiny_data)))
+    callback = ReferenceModelUpdate(seed=1)
+    seeds = callback.sample_seeds(event_trainer(step=4), batch, 2)
+    assert len(set(seeds)) == 2, "each winner draws its own t and noise"
+    assert callback.sample_seeds(event_trainer(step=4, rank=1), batch, 2) == seeds
+    assert callback.sample_seeds(event_trainer(step=8), batch, 2) != seeds
+    no_pair_seeds = {k: v for k, v in batch.items() if k != "noise_seeds"}
+    rank0, rank1 = (callback.sample_seeds(event_trainer(step=4, rank=r), no_pair_seeds, 2) for r in (0, 1))
+    assert set(rank0).isdisjoint(rank1), "without pair seeds, ranks still draw differently"
+
+
+def test_soft_update_of_a_16_bit_reference_refused(tiny_model, tiny_data):
+    with pytest.raises(ValueError, match="16-bit rounding"):
+        fit(tiny_model, tiny_data, ReferenceModelUpdate(alpha=0.5), frozen_dtype="bfloat16")
+
+
+def training_loader(data):
+    dm = PreferenceDataModule(
+        dataset_name="parquet", data_files=data, resolution=32, num_workers=0, train_batch_size=4
+    )
+    dm.setup("fit")
+    return dm.train_dataloader()
 
 
 @pytest.mark.parametrize(
@@ -133,6 +177,8 @@ def test_state_round_trip():
         ({"every_n_steps": -1}, "every_n_steps"),
         ({"alpha": 0.0}, "alpha"),
         ({"max_divergence": -0.1}, "max_divergence"),
+        ({"max_divergence": math.nan}, "max_divergence"),
+        ({"max_divergence": math.inf}, "max_divergence"),
         ({"on_exceed": "stop"}, "on_exceed"),
         ({"divergence_samples": 0}, "divergence_samples"),
     ],

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_refdpo.cli import main
+from lightning_refdpo.cli import run_cli
 from tests.test_cli import tiny_args
 
 
@@ -19,7 +19,7 @@ def fit(tiny_model, tiny_data, root: Path, *extra: str):
         f"--trainer.logger.init_args.save_dir={root}",
         "--trainer.logger.init_args.name=run",
     ]
-    return main(["fit", *tiny_args(tiny_model, tiny_data, root, *options, *extra)])
+    return run_cli(["fit", *tiny_args(tiny_model, tiny_data, root, *options, *extra)])
 
 
 def interrupted_fit(tiny_model, tiny_data, root: Path, interrupt: str) -> dict:
@@ -82,7 +82,6 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tiny_model, tiny_data, tmp
         reference_callback(whole).state_dict(),
         reference_callback(resumed).state_dict(),
     )
-    assert torch.equal(expected_state.pop("generator"), got_state.pop("generator"))
     assert got_state == expected_state
     expected, got = weights(whole.model), weights(resumed.model)
     assert expected.keys() == got.keys()

@@ -12,7 +12,7 @@ from PIL import Image
 
 from lightning_refdpo import PreferenceDataModule, ReferenceModelUpdate, lora
 from lightning_refdpo.callbacks import PreferenceEvaluation
-from lightning_refdpo.cli import build_cli, main
+from lightning_refdpo.cli import build_cli, run_cli
 from lightning_refdpo.data.latent_cache import CachedPreferenceCollator, load_empty_prompt, write_latent_cache
 from lightning_refdpo.data.preference import PairTransform, PreferenceCollator
 from lightning_refdpo.sdxl import StableDiffusionXLDPOModule
@@ -191,7 +191,7 @@ def test_cache_command_then_fit_from_cache(tiny_sdxl, tiny_data, tmp_path):
         f"--trainer.default_root_dir={tmp_path}",
         "--trainer.enable_progress_bar=false",
     ]
-    path = main(["cache", *common, f"--output={tmp_path / 'cache'}"])
-    cli = main(["fit", *common, f"--data.init_args.latent_cache={path}", "--trainer.max_steps=2"])
+    path = run_cli(["cache", *common, f"--output={tmp_path / 'cache'}"]).result
+    cli = run_cli(["fit", *common, f"--data.init_args.latent_cache={path}", "--trainer.max_steps=2"])
     assert type(cli.model) is StableDiffusionXLDPOModule
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])

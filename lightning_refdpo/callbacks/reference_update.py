@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from lightning_refdpo.data.draws import hash_seed
+
 ON_EXCEED = ("freeze", "reinit")
 
 
@@ -22,29 +24,37 @@ class ReferenceModelUpdate(Callback):
 
     At every ``every_n_steps``-th optimizer step, unless frozen:
 
-    1. form the candidate ``ref' = (1 - alpha) ref + alpha theta`` (``alpha = 1``: the policy itself,
-       the hard copy of TR-DPO);
+    1. form the candidate ``ref' = (1 - alpha) ref + alpha theta`` in the reference itself
+       (``alpha = 1``: the policy, the hard copy of TR-DPO), keeping the previous reference in CPU
+       memory;
     2. estimate ``D = mean(mse_ref'(x^w) - mse_init(x^w))`` on ``divergence_samples`` winners of the
-       current batch of each rank with uniform ``t`` and fresh noise (Eq. 8, constant weighting);
+       current batch of each rank (Eq. 8, constant weighting). The candidate is measured as it will
+       be stored, in the reference's dtype, which is the initial model's: with
+       ``frozen_dtype: bfloat16`` both are bf16, so ``D`` is exactly 0 while the policy has not
+       moved instead of the rounding gap between an fp32 policy and a bf16 initial model.
+       Each winner draws its own ``t ~ U{0..T-1}`` and noise from a seed of ``(seed, step, pair)``
+       (``pair``: the pair's ``noise_seeds`` entry from ``data/draws.py``, else its rank and position), so
+       ranks draw differently and a winner draws the same wherever it lands;
        ``D`` is the mean over the winners of all ranks (``sum_r n_r D_r / sum_r n_r``, one value
        all-reduced), so every rank takes the same decision;
-    3. if ``max_divergence`` is ``None`` or ``D <= max_divergence``: ``ref <- ref'``; otherwise
-       ``on_exceed="freeze"`` keeps the reference and freezes it for good, ``"reinit"`` resets it
-       to the initial model (and keeps updating later).
+    3. if ``max_divergence`` is ``None`` or ``D <= max_divergence``: keep ``ref'``; otherwise restore
+       the previous reference and, with ``on_exceed="freeze"``, freeze it for good, or with
+       ``"reinit"`` reset it to the initial model (and keep updating later).
 
     ``D`` is read on the per-element MSE scale on which the paper's thresholds ``delta = 0.005``
     (SD1.5) and ``0.002`` (SDXL) are stated. Logs ``ref/divergence``, ``ref/updates``,
-    ``ref/frozen`` and ``ref/reinits`` at every event. The update count, the frozen flag, the last
-    divergence and the sampling generator are saved with the checkpoint; the reference weights are
-    in the module's state dict.
+    ``ref/frozen`` and ``ref/reinits`` at every event. The update count, the frozen flag and the
+    last divergence are saved with the checkpoint; the reference weights are in the module's state
+    dict, and the draws depend on the step only, so a resumed run continues exactly.
 
     Args:
         every_n_steps: ``tau``, optimizer steps between update events (16, 32 or 64 in the paper).
         alpha: mixing weight of the soft update; only ``1.0`` with LoRA (see
-            ``DiffusionDPOModule.update_reference``).
+            ``DiffusionDPOModule.update_reference``) or with a 16-bit reference (``frozen_dtype``),
+            whose rounding would swallow small soft steps.
         max_divergence: ``delta``; ``None`` updates without a cap.
         on_exceed: ``"freeze"`` (the paper's method) or ``"reinit"``.
-        divergence_samples: winners used for the estimate.
+        divergence_samples: winners per rank used for the estimate.
         seed: seed of the timesteps and noise of the estimate.
     """
 
@@ -61,9 +71,10 @@ class ReferenceModelUpdate(Callback):
             raise ValueError(f"ReferenceModelUpdate.every_n_steps (tau) must be >= 1; got {every_n_steps}")
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"ReferenceModelUpdate.alpha must be in (0, 1]; got {alpha}")
-        if max_divergence is not None and max_divergence < 0:
+        if max_divergence is not None and not (math.isfinite(max_divergence) and max_divergence >= 0):
             raise ValueError(
-                f"ReferenceModelUpdate.max_divergence (delta) must be >= 0 or null; got {max_divergence}"
+                "ReferenceModelUpdate.max_divergence (delta) must be a finite number >= 0, or null for no "
+                f"cap; got {max_divergence}"
             )
         if on_exceed not in ON_EXCEED:
             raise ValueError(
@@ -78,18 +89,26 @@ class ReferenceModelUpdate(Callback):
         self.max_divergence = max_divergence
         self.on_exceed = on_exceed
         self.divergence_samples = divergence_samples
+        self.seed = seed
         self.num_updates = 0
         self.num_reinits = 0
         self.frozen = False
         self.last_divergence = math.nan
         self.last_event_step = 0
-        self.generator = torch.Generator().manual_seed(seed)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and pl_module.uses_lora and self.alpha != 1.0:
+        if stage != "fit" or self.alpha == 1.0:
+            return
+        if pl_module.uses_lora:
             raise ValueError(
                 f"ReferenceModelUpdate.alpha={self.alpha} is a soft update, which is not exact on LoRA factors; "
                 "use alpha: 1.0 with LoRA, or full fine-tuning (lora_rank: null) for a soft update"
+            )
+        if pl_module.reference_dtype.itemsize < 4:
+            raise ValueError(
+                f"ReferenceModelUpdate.alpha={self.alpha} with a {pl_module.reference_dtype} reference "
+                f"(model.frozen_dtype: {pl_module.hparams.frozen_dtype}): 16-bit rounding would swallow "
+                "the small steps of a soft update; use frozen_dtype: null (or float32), or alpha: 1.0"
             )
 
     def on_train_batch_end(
@@ -101,35 +120,40 @@ class ReferenceModelUpdate(Callback):
         self.last_event_step = step
         self.update(trainer, pl_module, batch)
 
+    def sample_seeds(self, trainer: Trainer, batch: dict[str, Any], num_samples: int) -> list[int]:
+        """One seed per winner used: of ``(seed, step, noise_seed)`` for training pairs that carry
+        their own ``noise_seeds``, else of ``(seed, step, rank, position)``."""
+        step = trainer.global_step
+        if "noise_seeds" in batch:
+            pairs = [(int(s),) for s in batch["noise_seeds"][:num_samples]]
+        else:
+            pairs = [(trainer.global_rank, i) for i in range(num_samples)]
+        return [hash_seed(self.seed, step, *pair) for pair in pairs]
+
     def update(self, trainer: Trainer, pl_module: LightningModule, batch: dict[str, Any]) -> None:
-        """One update event: estimate the candidate's divergence, then update, freeze or reset."""
+        """One update event: form the candidate, estimate its divergence, then keep, freeze or reset."""
         was_training = pl_module.training
         pl_module.eval()
-        if self.alpha != 1.0:
-            previous = pl_module.reference_state()
-            pl_module.update_reference(self.alpha)
+        previous = pl_module.reference_state()
+        pl_module.update_reference(self.alpha)
         num_samples = min(self.divergence_samples, len(batch["caption"]))
         divergence_sum = torch.zeros((), device=pl_module.device)
         if num_samples:
-            candidate = "policy" if self.alpha == 1.0 else "reference"
-            divergence = pl_module.estimate_divergence(batch, num_samples, candidate, self.generator)
+            seeds = self.sample_seeds(trainer, batch, num_samples)
+            divergence = pl_module.estimate_divergence(batch, num_samples, "reference", sample_seeds=seeds)
             divergence_sum = divergence.detach().float() * num_samples
         pl_module.train(was_training)
         totals = torch.stack([divergence_sum, torch.tensor(float(num_samples), device=pl_module.device)])
         divergence_sum, num_samples = trainer.strategy.reduce(totals, reduce_op="sum").tolist()
         if not num_samples:  # no decodable winner on any rank: no event
-            if self.alpha != 1.0:
-                pl_module.load_reference_state(previous)
+            pl_module.load_reference_state(previous)
             return
         self.last_divergence = divergence_sum / num_samples
 
         if self.max_divergence is None or self.last_divergence <= self.max_divergence:
-            if self.alpha == 1.0:
-                pl_module.update_reference(1.0)
             self.num_updates += 1
         else:
-            if self.alpha != 1.0:
-                pl_module.load_reference_state(previous)
+            pl_module.load_reference_state(previous)
             if self.on_exceed == "freeze":
                 self.frozen = True
             else:
@@ -153,7 +177,6 @@ class ReferenceModelUpdate(Callback):
             "frozen": self.frozen,
             "last_divergence": self.last_divergence,
             "last_event_step": self.last_event_step,
-            "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -162,4 +185,3 @@ class ReferenceModelUpdate(Callback):
         self.frozen = state_dict["frozen"]
         self.last_divergence = state_dict["last_divergence"]
         self.last_event_step = state_dict["last_event_step"]
-        self.generator.set_state(state_dict["generator"])

@@ -23,7 +23,7 @@ LATENT_STREAM, NOISE_STREAM = 0, 1
 
 def pair_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """The generator of pair ``index`` in ``epoch``: seeded by ``SeedSequence([seed, epoch, index])``."""
-    return torch.Generator().manual_seed(_hash_seed(seed, epoch, int(index)))
+    return torch.Generator().manual_seed(hash_seed(seed, epoch, int(index)))
 
 
 def pair_normal(noise_seeds: Sequence[int] | torch.Tensor, stream: int, shape: Sequence[int]) -> torch.Tensor:
@@ -32,13 +32,15 @@ def pair_normal(noise_seeds: Sequence[int] | torch.Tensor, stream: int, shape: S
     ``LATENT_STREAM`` for the latent sample ``eps`` and ``NOISE_STREAM`` for the diffusion noise."""
     return torch.stack(
         [
-            torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_hash_seed(int(seed), stream)))
+            torch.randn(tuple(shape), generator=torch.Generator().manual_seed(hash_seed(int(seed), stream)))
             for seed in noise_seeds
         ]
     )
 
 
-def _hash_seed(*entropy: int) -> int:
+def hash_seed(*entropy: int) -> int:
+    """A 64-bit seed of the integers ``entropy`` (``SeedSequence``): independent streams for
+    different tuples."""
     return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0])
 
 
