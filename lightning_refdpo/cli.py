@@ -44,6 +44,7 @@ TOOLS = {
     "evaluate": "Generate images for prompt sets and score them against a baseline.",
     "export": "Export the policy of a training checkpoint for diffusers, with a model card.",
 }
+JSONARGPARSE_REPORT = "Does not validate against any of the Union subtypes"
 EXIT_USAGE = 2
 EXIT_SIGTERM = 128 + signal.SIGTERM
 # Errors that a user fixes in the config, the data or the model path: shown as one line, no traceback.
@@ -68,9 +69,9 @@ def main(args: list[str] | None = None) -> int:
 
 
 def user_message(err: BaseException) -> str:
-    """The first line of the innermost cause of ``err``: the check that failed, not jsonargparse's
-    wrapping of it (which dumps the whole parsed namespace)."""
-    while err.__cause__ is not None:
+    """The first line of ``err``, or of the check that failed inside jsonargparse's report of a
+    class that could not be instantiated (which dumps the whole parsed namespace)."""
+    while err.__cause__ is not None and JSONARGPARSE_REPORT in str(err):
         err = err.__cause__
     text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     return str(text).strip().splitlines()[0] if str(text).strip() else type(err).__name__

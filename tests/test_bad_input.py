@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 
-from lightning_refdpo.module import NonFiniteLossError
+from lightning_refdpo.module import NonFiniteLossError, UndecodablePairsError
 from tests.helpers import fit_tiny, make_module
 from tests.test_data import solid, write
 
@@ -63,9 +63,23 @@ def test_undecodable_images_are_skipped_counted_and_training_goes_on(tiny_model,
         "label_0": [1.0, 0.0, 1.0, 0.0],
     }
     module = make_module(tiny_model)
-    trainer = fit_tiny(module, {"train": write(tmp_path, rows)}, max_steps=2, train_batch_size=4)
+    with pytest.warns(UserWarning, match="2 of 4 training pairs could not be decoded"):
+        trainer = fit_tiny(module, {"train": write(tmp_path, rows)}, max_steps=2, train_batch_size=4)
     assert trainer.global_step == 2  # one batch per epoch, two epochs
     assert trainer.callback_metrics["train/skipped_pairs"] == 2  # the epoch's sum
+
+
+@pytest.mark.parametrize("num_bad", [3, 4])
+def test_more_than_max_skipped_share_undecodable_stops_the_run(tiny_model, tmp_path, num_bad):
+    good = solid("red")
+    rows = {
+        "caption": ["a", "b", "c", "d"],
+        "jpg_0": [b"not an image"] * num_bad + [good] * (4 - num_bad),
+        "jpg_1": [solid("blue")] * 4,
+        "label_0": [1.0, 0.0, 1.0, 0.0],
+    }
+    with pytest.raises(UndecodablePairsError, match=f"{num_bad} of 4 training pairs could not be decoded"):
+        fit_tiny(make_module(tiny_model), {"train": write(tmp_path, rows)}, max_steps=2, train_batch_size=4)
 
 
 def test_empty_and_over_long_captions_are_truncated_like_the_tokenizer(tiny_model):

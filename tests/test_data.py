@@ -132,6 +132,23 @@ def test_wrong_label_type_is_named(tmp_path):
         datamodule(path).setup("fit")
 
 
+@pytest.mark.parametrize("label", [0.7, 2.0, -1.0, float("nan")])
+def test_labels_other_than_0_half_1_are_refused_with_their_rows(tmp_path, label):
+    red = solid("red")
+    rows = {"caption": ["a", "b", "c"], "jpg_0": [red] * 3, "jpg_1": [red] * 3, "label_0": [1.0, label, 0.0]}
+    with pytest.raises(ValueError, match=f"label_0 of split 'train' must be 1 .* \\(row 1: {label}\\)"):
+        datamodule(write(tmp_path, rows)).setup("fit")
+
+
+def test_empty_and_zero_byte_parquet_name_the_split_and_file(tmp_path):
+    empty = write(tmp_path, {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}, "empty.parquet")
+    zero = tmp_path / "zero.parquet"
+    zero.touch()
+    for path in (empty, str(zero)):
+        with pytest.raises(ValueError, match=f"split 'train' \\({path}\\) is empty or unreadable"):
+            datamodule(path).setup("fit")
+
+
 def test_all_ties_refused(tmp_path):
     path = write(
         tmp_path, {"caption": ["a"], "jpg_0": [solid("red")], "jpg_1": [solid("red")], "label_0": [0.5]}

@@ -1,9 +1,12 @@
+import os
+
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
 from lightning_refdpo import DiffusionDPOModule, lora
 from lightning_refdpo.hub import ModelLoadError
+from lightning_refdpo.module import absolute_if_local
 from tests.helpers import make_batch, make_module
 
 
@@ -179,6 +182,10 @@ def test_soft_update_refused_with_lora_and_exact_for_full(tiny_model):
         ({"lora_rank": 0}, "model.lora_rank"),
         ({"frozen_dtype": "int8"}, "model.frozen_dtype"),
         ({"label_smoothing": 0.6}, "model.label_smoothing"),
+        ({"beta": float("nan")}, "model.beta must be a finite number"),
+        ({"beta": float("inf")}, "model.beta must be a finite number"),
+        ({"learning_rate": float("nan")}, "model.learning_rate must be a finite number"),
+        ({"max_skipped_share": 1.5}, "model.max_skipped_share"),
     ],
 )
 def test_bad_config_refused_before_loading(kwargs, match):
@@ -198,3 +205,67 @@ def test_missing_tokenizer_files_are_refused(tmp_path):
 
     with pytest.raises(ModelLoadError, match="no vocabulary files"):
         load_component(CLIPTokenizer, str(tmp_path), "tokenizer")
+
+
+def test_lora_dropout_stays_out_of_the_reference_and_initial_forwards(tiny_model):
+    module = make_module(tiny_model, lora_rank=2, lora_dropout=0.5)
+    randomize_adapter(module, lora.POLICY, seed=1)
+    module.update_reference(1.0)
+    module.train()
+    batch, t = make_batch(), make_batch()["timesteps"]
+    latents, _, cond = module.encode_batch(batch)
+    with torch.no_grad():
+        policy = [module.predict(module.unet, latents, t, cond) for _ in range(2)]
+        assert (policy[0] - policy[1]).abs().max() > 0, "dropout still acts in the policy forward"
+        for model in (module.reference_model, module.initial_model):
+            with model() as unet:
+                twice = [module.predict(unet, latents, t, cond) for _ in range(2)]
+            torch.testing.assert_close(twice[0], twice[1], rtol=0, atol=0)
+    module.eval()
+    out = module.preference_step(batch, t)
+    assert out["reward_margin"].abs().max() == 0, "right after a hard copy, h = 0 exactly in eval"
+
+
+def test_ties_count_half_and_validation_reports_the_margin_against_the_initial_model(tiny_model):
+    figures = DiffusionDPOModule.summarize(
+        {
+            "reward_margin": torch.tensor([0.0, 0.0, 1.0, -1.0]),
+            "initial_margin": torch.tensor([1.0, 1.0, 0, 1]),
+        }
+    )
+    assert figures["implicit_acc"] == pytest.approx(0.5) and figures["implicit_acc_initial"] == pytest.approx(
+        0.875
+    )
+    module = make_module(tiny_model, lora_rank=2)
+    randomize_adapter(module, lora.POLICY, seed=2)
+    module.update_reference(1.0)
+    out = module.summarize(
+        module.preference_step(make_batch(), make_batch()["timesteps"], against_initial=True)
+    )
+    assert out["implicit_acc"] == 0.5, "a fresh copy ties on every pair: a coin flip, not 0"
+    assert out["initial_margin"] != 0, "against the initial model the policy's margin is not a tie"
+
+
+def test_local_model_folder_is_stored_as_an_absolute_path(tiny_model, monkeypatch):
+    parent, name = os.path.split(tiny_model)
+    monkeypatch.chdir(parent)
+    module = make_module(name, vae_name_or_path=f"{name}/vae")
+    assert module.hparams.pretrained_model_name_or_path == tiny_model
+    assert module.hparams.vae_name_or_path == f"{tiny_model}/vae"
+    assert absolute_if_local("owner/hub-model") == "owner/hub-model"
+
+
+def test_zero_terminal_snr_scheduler_gives_a_finite_reward_scale_and_loss(tiny_model):
+    from diffusers import DDPMScheduler
+
+    module = make_module(tiny_model, reward_scale=True)
+    options = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    plain = module.reward_scale_schedule()
+    module.noise_scheduler = DDPMScheduler(**options, rescale_betas_zero_snr=True)
+    module.reward_scales = module.reward_scale_schedule()
+    lam = module.reward_scales
+    assert torch.isfinite(lam).all() and lam[0] == pytest.approx(1.0) and lam[-1] == pytest.approx(2.0)
+    assert torch.all(lam[1:] >= lam[:-1]) and (lam > 1.1).float().mean() > 0.4, "not 1 almost everywhere"
+    torch.testing.assert_close(lam[:500], plain[:500], rtol=0.2, atol=0.0)
+    out = module.preference_step(make_batch(), torch.tensor([999, 0]))
+    assert torch.isfinite(out["loss"]).all()

@@ -84,3 +84,15 @@ def test_gamma_one_is_uniform():
 def test_invalid_sampler_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DiscountedTimestepSampler(1000, **kwargs)
+
+
+def test_reward_scale_is_finite_for_zero_terminal_snr():
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True
+    )
+    assert scheduler.alphas_cumprod[-1] == 0
+    lam = reward_scale_schedule(scheduler.alphas_cumprod)
+    assert torch.isfinite(lam).all() and lam[0].item() == pytest.approx(1.0) and lam[-1].item() == 2.0
+    capped = reward_scale_schedule(scheduler.alphas_cumprod, max_inverse_sqrt_snr=14.6)
+    assert torch.isfinite(capped).all() and torch.all(capped[1:] >= capped[:-1]) and capped[-1] == 2.0
+    assert (capped > 1.5).float().mean() > 0.2, "the clip keeps lambda from being 1 almost everywhere"

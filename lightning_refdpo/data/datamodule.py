@@ -7,6 +7,7 @@ from typing import Any
 
 import datasets
 import torch
+from datasets.exceptions import DatasetGenerationError
 from lightning.pytorch import LightningDataModule
 
 from lightning_refdpo.data.draws import PairDraws
@@ -20,6 +21,7 @@ from lightning_refdpo.data.preference import (
     PairTransform,
     PreferenceCollator,
     PreferencePairs,
+    check_labels,
     check_schema,
     drop_ties,
 )
@@ -116,6 +118,7 @@ class PreferenceDataModule(LightningDataModule):
         """The preference pairs of ``split`` (schema checked, ties dropped, first ``limit`` kept)."""
         dataset = self.load_split(split)
         check_schema(dataset, split)
+        check_labels(dataset, split)
         dataset = drop_ties(dataset, split)
         if limit is not None:
             dataset = dataset.select(range(min(limit, len(dataset))))
@@ -140,16 +143,25 @@ class PreferenceDataModule(LightningDataModule):
         )
 
     def load_split(self, split: str, streaming: bool = False) -> Any:
+        """``load_dataset`` of ``split``; an empty or unreadable file (zero bytes, not parquet) is
+        refused naming the split and its files."""
         hp = self.hparams
         options = {"streaming": True} if streaming else {"cache_dir": hp.cache_dir}
-        return datasets.load_dataset(
-            hp.dataset_name,
-            hp.dataset_config_name,
-            data_files=hp.data_files,
-            split=split,
-            revision=hp.revision,
-            **options,
-        )
+        try:
+            return datasets.load_dataset(
+                hp.dataset_name,
+                hp.dataset_config_name,
+                data_files=hp.data_files,
+                split=split,
+                revision=hp.revision,
+                **options,
+            )
+        except (ValueError, DatasetGenerationError) as err:
+            source = (hp.data_files or {}).get(split, hp.dataset_name)
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(
+                f"preference split {split!r} ({source}) is empty or unreadable: {reason}"
+            ) from None
 
     def setup(self, stage: str) -> None:
         hp = self.hparams

@@ -40,6 +40,21 @@ def check_schema(dataset: Any, split: str) -> None:
         )
 
 
+LABELS = (0.0, TIE, 1.0)
+
+
+def check_labels(dataset: Any, split: str) -> None:
+    """Refuse ``label_0`` values other than 0, 0.5 and 1 (NaN included), naming the first rows: a
+    0.7 or a 2 is not a preference this loss can read, and would silently become a win."""
+    bad = [(i, x) for i, x in enumerate(dataset["label_0"]) if not any(x == label for label in LABELS)]
+    if bad:
+        rows = ", ".join(f"row {i}: {x}" for i, x in bad[:10])
+        raise ValueError(
+            f"column label_0 of split {split!r} must be 1 (image 0 preferred), 0 (image 1 preferred) or 0.5 "
+            f"(tie); {len(bad)} row(s) are not ({rows}{', ...' if len(bad) > 10 else ''})"
+        )
+
+
 def drop_ties(dataset: Any, split: str) -> Any:
     """Drop pairs with ``label_0 == 0.5`` (Diffusion-DPO trains on strict preferences only)."""
     kept = dataset.filter(lambda labels: [x != TIE for x in labels], input_columns="label_0", batched=True)
