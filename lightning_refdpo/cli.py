@@ -119,13 +119,14 @@ SKIPPED_REPORT_LINES = ("Parser key", "Does not validate", "Subtypes:", "Errors:
 def one_line(message: str) -> str:
     """jsonargparse's nested error report as ``key.path: innermost error``."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    keys = [re.match(r'Parser key "([^"]+)"', line) for line in lines]
-    found = [(i, m.group(1)) for i, m in enumerate(keys) if m]
+    keys = [re.match(r'Parser key "([^"]+)":\s*(.*)', line) for line in lines]
+    found = [(i, m) for i, m in enumerate(keys) if m]
     if not found:
         return lines[0] if lines else message
-    rest = lines[found[-1][0] + 1 :]
-    detail = next((line for line in rest if not line.startswith(SKIPPED_REPORT_LINES)), "")
-    return f"{'.'.join(key for _, key in found)}: {detail.removeprefix('- ')}"
+    last, match = found[-1]
+    rest = [match.group(2)] + lines[last + 1 :]
+    detail = next((line for line in rest if line and not line.startswith(SKIPPED_REPORT_LINES)), "")
+    return f"{'.'.join(m.group(1) for _, m in found)}: {detail.removeprefix('- ')}"
 
 
 def suggestion(parser: Any, message: str) -> str:

@@ -1,7 +1,7 @@
 """Tiny Stable-Diffusion-shaped models and preference sets, built offline from configs.
 
 Nothing here is trained: it gives CPU tests, the tiny config and the benchmarks real diffusers /
-transformers components in the folder layout of ``runwayml/stable-diffusion-v1-5`` (``unet``,
+transformers components in the folder layout of ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (``unet``,
 ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``, ``model_index.json``), loaded back with the
 same ``from_pretrained`` calls as the real model.
 

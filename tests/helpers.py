@@ -77,22 +77,27 @@ class SendSignal(Callback):
 
 class RecordRank(Callback):
     """Saves this rank's run to ``<default_root_dir>/rank<global_rank>.pt`` when training ends: each
-    step's rank-local loss and timesteps, the reference UNet's weights and the reference update's state."""
+    step's rank-local loss, timesteps and divergence-estimate seeds, the reference UNet's weights and
+    the reference update's state."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.timesteps: list[list[int]] = []
+        self.divergence_seeds: list[list[int]] = []
 
     def on_train_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self.losses.append(float(outputs["loss"]))
         self.timesteps.append(batch["timesteps"].tolist())
+        update = next(c for c in trainer.callbacks if isinstance(c, ReferenceModelUpdate))
+        self.divergence_seeds.append(update.sample_seeds(trainer, batch, len(batch["caption"])))
 
     def on_train_end(self, trainer: Trainer, pl_module) -> None:
         update = next(c for c in trainer.callbacks if isinstance(c, ReferenceModelUpdate))
         record = {
             "losses": self.losses,
             "timesteps": self.timesteps,
+            "divergence_seeds": self.divergence_seeds,
             "reference": pl_module.reference_unet.state_dict(),
-            "update": {k: v for k, v in update.state_dict().items() if k != "generator"},
+            "update": update.state_dict(),
         }
         torch.save(record, Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.pt")

@@ -56,6 +56,7 @@ def test_ddp_two_processes_agree_and_match_one_process(tiny_model, tiny_data, tm
         "--trainer.limit_val_batches=0",
         "--trainer.enable_checkpointing=false",
         "--trainer.logger=false",
+        "--trainer.callbacks.init_args.divergence_samples=4",
         "--trainer.callbacks+=tests.helpers.RecordRank",
     ]
     one = tmp_path / "one"
@@ -77,6 +78,12 @@ def test_ddp_two_processes_agree_and_match_one_process(tiny_model, tiny_data, tm
         torch.tensor(global_losses), torch.tensor(single["losses"]), rtol=1e-3, atol=1e-5
     )
     assert rank0["update"]["frozen"] == single["update"]["frozen"]
+    # The divergence estimate: each winner its own t and noise, different on each rank, and D the
+    # mean over the union of the ranks' winners, as one process computes it on the whole batch.
+    assert set(rank0["divergence_seeds"][-1]).isdisjoint(rank1["divergence_seeds"][-1])
+    union = rank0["divergence_seeds"][-1] + rank1["divergence_seeds"][-1]
+    assert sorted(union) == sorted(single["divergence_seeds"][-1])
+    assert rank0["update"]["last_divergence"] == pytest.approx(single["update"]["last_divergence"], rel=1e-3)
 
 
 def test_trainer_picks_up_a_simulated_slurm_job(tiny_model, tiny_data, tmp_path, monkeypatch):
