@@ -1,11 +1,13 @@
-"""The run lifecycle's checkpoint rules (``callbacks/checkpointing.py``), without a training run."""
+"""The run lifecycle's checkpoint rules and progress bars, without a training run."""
 
 import os
 from types import SimpleNamespace
 
 import torch
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
 from lightning_refdpo.callbacks.checkpointing import ExceptionCheckpoint, latest_checkpoint
+from lightning_refdpo.callbacks.progress import EpochRichProgressBar, EpochTQDMProgressBar, sane_progress_bar
 
 
 def write(path, global_step: int) -> None:
@@ -47,3 +49,14 @@ def test_latest_checkpoint_is_the_highest_step_then_the_newest(tmp_path):
     write(tmp_path / "hpc_ckpt_1.ckpt", 8)
     os.utime(tmp_path / "hpc_ckpt_1.ckpt", (2e9, 2e9))
     assert latest_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_1.ckpt"
+
+
+def test_progress_bars_count_the_epoch_and_name_no_epoch_total_of_minus_one():
+    trainer = SimpleNamespace(max_epochs=-1, max_steps=12, global_step=9, num_training_batches=16)
+    bars = [sane_progress_bar(TQDMProgressBar()), sane_progress_bar(RichProgressBar())]
+    assert [type(b) for b in bars] == [EpochTQDMProgressBar, EpochRichProgressBar]
+    for bar in bars:
+        bar._trainer = trainer
+        assert bar.total_train_batches == 16, "the epoch's length, not min(16, steps left)"
+    assert bars[1]._get_train_description(7).strip() == "Epoch 7"
+    assert sane_progress_bar(bars[0]) is None, "a configured bar is kept"

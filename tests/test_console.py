@@ -58,7 +58,7 @@ def trained(tiny_model, tiny_data, tmp_path_factory) -> Path:
     result = run(*fit_args(model.name, tiny_data, root, "--trainer.max_steps=2"), cwd=model.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "<lightning_refdpo" not in result.stdout + result.stderr, "no object printed"
-    assert "/-2" not in result.stdout, "the progress bar names no epoch total of -1"
+    assert "Epoch 0" in result.stdout and "/-2" not in result.stdout, "no epoch total of -1"
     return root
 
 
@@ -180,7 +180,4 @@ def test_export_from_elsewhere_with_a_moved_base_model(trained, tiny_model, tmp_
     assert export.stdout.strip().splitlines()[-1].startswith("exported the unet policy")
     info = json.loads((tmp_path / "e" / "export.json").read_text())
     assert info["base_model"] == str(moved) and info["checkpoint"] == ckpt
-    assert (
-        f'from_pretrained("{moved}"' in (tmp_path / "e" / "README.md").read_text()
-        or str(moved) in (tmp_path / "e" / "README.md").read_text()
-    )
+    assert f"base_model: {moved}" in (tmp_path / "e" / "README.md").read_text()
