@@ -33,6 +33,8 @@ def test_fit_tiny_config_end_to_end_and_resume(tiny_model, tiny_data, tmp_path):
         "train/mse_w",
         "train/ref_mse_l",
         "val/implicit_acc",
+        "val/implicit_acc_initial",
+        "val/initial_margin",
     ):
         assert key in metrics and torch.isfinite(metrics[key]), key
     assert "ref/divergence" in metrics and "ref/frozen" in metrics

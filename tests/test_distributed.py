@@ -1,6 +1,7 @@
 """Lightning's DDP (2 CPU processes, gloo) and SLURM environment on the tiny config."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,6 +124,28 @@ def test_trainer_picks_up_a_simulated_slurm_job(tiny_model, tiny_data, tmp_path,
     assert environment.main_address == "node01"
     script = (REPO / "scripts" / "slurm" / "refdpo.sbatch").read_text()
     assert "#SBATCH --signal=SIGUSR1@" in script and "srun lightning-refdpo fit" in script
+
+
+def test_requeued_slurm_job_resumes_from_its_hpc_checkpoint(tiny_model, tiny_data, tmp_path, monkeypatch):
+    options = ["--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false"]
+    first = run_cli(
+        ["fit", *tiny_args(tiny_model, tiny_data, tmp_path / "first", *options, "--trainer.max_steps=2")]
+    )
+    requeued = tmp_path / "requeued"
+    requeued.mkdir()
+    shutil.copy(first.trainer.checkpoint_callback.last_model_path, requeued / "hpc_ckpt_1.ckpt")
+    slurm = {
+        "SLURM_JOB_ID": "1",
+        "SLURM_JOB_NAME": "refdpo",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+    }
+    slurm |= {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "node01"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    cli = run_cli(["fit", *tiny_args(tiny_model, tiny_data, requeued, *options, "--trainer.max_steps=3")])
+    assert SLURMEnvironment.detect() and cli.trainer.global_step == 3
+    assert cli.model.pairs_loaded == cli.datamodule.train_batch_size, "one step after the resume"
 
 
 def test_fsdp_config_shards_each_unet_and_its_blocks(capsys):
