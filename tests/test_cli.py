@@ -1,9 +1,11 @@
+import inspect
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from lightning_refdpo import DiffusionDPOModule
 from lightning_refdpo.cli import run_cli
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
@@ -95,3 +97,11 @@ def test_bad_config_refused_at_start(tiny_model, tiny_data, tmp_path):
                 "--trainer.callbacks.init_args.every_n_steps=-1",
             ]
         )
+
+
+def test_the_maintained_sd15_id_everywhere():
+    repo = Path(__file__).parents[1]
+    files = [*repo.glob("configs/*.yaml"), repo / "README.md", *repo.glob("lightning_refdpo/**/*.py")]
+    assert [f.name for f in files if "runwayml/" in f.read_text()] == []
+    default = inspect.signature(DiffusionDPOModule).parameters["pretrained_model_name_or_path"].default
+    assert default == "stable-diffusion-v1-5/stable-diffusion-v1-5"

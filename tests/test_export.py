@@ -92,6 +92,10 @@ def test_full_unet_export_replaces_the_pipeline_unet(tiny_model, tiny_data, tmp_
     torch.testing.assert_close(images(pipeline), ours, rtol=0, atol=1e-6)
     assert (images(StableDiffusionPipeline.from_pretrained(tiny_model)) - ours).abs().max() > 1e-2
     torch.testing.assert_close(images(pipeline_from_export(export)), ours, rtol=0, atol=1e-6)
+    info = json.loads((export / "export.json").read_text())
+    (export / "export.json").write_text(json.dumps({**info, "base_model": str(tmp_path / "moved_away")}))
+    moved = pipeline_from_export(export, base_model=tiny_model)
+    torch.testing.assert_close(images(moved), ours, rtol=0, atol=1e-6)
 
     card = (export / "README.md").read_text()
     assert "full UNet fine-tuning" in card and "reward scale" in card
