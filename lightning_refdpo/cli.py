@@ -37,8 +37,12 @@ from lightning_refdpo.callbacks.checkpointing import (
 from lightning_refdpo.callbacks.progress import sane_progress_bar
 from lightning_refdpo.data import PreferenceDataModule
 from lightning_refdpo.hub import ModelLoadError
-from lightning_refdpo.module import DiffusionDPOModule, NonFiniteLossError
+from lightning_refdpo.module import DiffusionDPOModule, NonFiniteLossError, UndecodablePairsError
 
+DESCRIPTION = (
+    "Diffusion-DPO with reference-model updates and timestep-aware optimization (arXiv 2505.18736): "
+    "train, validate, cache latents, evaluate and export."
+)
 TOOLS = {
     "cache": "Encode the config's preference pairs into a latent cache (VAE posteriors, text embeddings).",
     "evaluate": "Generate images for prompt sets and score them against a baseline.",
@@ -48,7 +52,15 @@ JSONARGPARSE_REPORT = "Does not validate against any of the Union subtypes"
 EXIT_USAGE = 2
 EXIT_SIGTERM = 128 + signal.SIGTERM
 # Errors that a user fixes in the config, the data or the model path: shown as one line, no traceback.
-USER_ERRORS = (ValueError, KeyError, ModelLoadError, FileNotFoundError, PermissionError, NonFiniteLossError)
+USER_ERRORS = (
+    ValueError,
+    KeyError,
+    ModelLoadError,
+    FileNotFoundError,
+    PermissionError,
+    NonFiniteLossError,
+    UndecodablePairsError,
+)
 
 
 def main(args: list[str] | None = None) -> int:
@@ -93,7 +105,7 @@ def build_cli(args: list[str] | None, run: bool = True) -> RefDPOCLI:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         parser_class=RefDPOArgumentParser,
-        parser_kwargs={"prog": "lightning-refdpo"},
+        parser_kwargs={"prog": "lightning-refdpo", "description": DESCRIPTION},
         run=run,
         args=args,
     )

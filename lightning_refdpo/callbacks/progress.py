@@ -12,6 +12,8 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgre
 
 
 class _EpochTotals:
+    """What both bars change: the total, and the set-up after a mid-epoch resume."""
+
     @property
     def total_train_batches(self) -> int | float:
         return self.trainer.num_training_batches
