@@ -157,8 +157,11 @@ def test_evaluate_command_writes_json_and_table(tiny_model, tiny_data, tmp_path)
     entry = written["prompt_sets"][str(tmp_path / "prompts.txt")]
     assert entry["num_images"] == 4 and set(entry["scores"]["Brightness"]) == {
         "model_mean",
+        "model_ci",
         "baseline_mean",
+        "baseline_ci",
         "win_rate",
+        "win_rate_ci",
     }
     assert written == json.loads(json.dumps(results))
     table = (tmp_path / "eval" / "results.md").read_text()

@@ -66,7 +66,7 @@ class PreferenceEvaluation(Callback):
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"PreferenceEvaluation.every_n_steps must be >= 1 or null; got {every_n_steps}")
         self.prompts = prompts
-        self.scorers = {type(s).__name__: s for s in scorers}
+        self.scorers = {s.name: s for s in scorers}
         self.seeds = list(seeds)
         self.max_prompts = max_prompts
         self.every_n_steps = every_n_steps
