@@ -63,6 +63,15 @@ def test_evaluation_before_training_ties_with_initial_model(tiny_model, tiny_dat
     assert len(callback.items) == 4 and callback.baseline_scores["Brightness"].shape == (4,)
 
 
+def test_evaluation_with_a_bfloat16_initial_model_in_32_bit_training(tiny_model, tiny_data, tmp_path):
+    """The initial model is generated in the policy's dtype, as the policy; it stays bf16 after."""
+    module = make_module(tiny_model, frozen_dtype="bfloat16")
+    run = trainer(tmp_path, [evaluation()])
+    run.validate(module, datamodule(tiny_data))
+    assert 0.0 <= run.callback_metrics["eval/Brightness_win_rate"].item() <= 1.0
+    assert next(module.initial_unet.parameters()).dtype == torch.bfloat16
+
+
 def test_evaluation_during_training_logs_scores_win_rate_and_grid(tiny_model, tiny_data, tmp_path):
     callback = evaluation()
     run = trainer(tmp_path, [callback], max_steps=4, val_check_interval=2)

@@ -15,6 +15,7 @@ from lightning_refdpo.evaluation import (
     evaluation_items,
     generate,
     image_grid,
+    in_dtype,
     log_image,
     score,
 )
@@ -32,7 +33,9 @@ class PreferenceEvaluation(Callback):
     policy beats the initial model with the same prompt and seed), ``eval/initial/<scorer>``, and
     an image grid (captions under the images, policy above the initial model) to the logger and as
     a PNG in the log directory. The initial model's images are generated once and their scores
-    kept (with LoRA the initial model is the UNet with adapters disabled: no second copy).
+    kept (with LoRA the initial model is the UNet with adapters disabled: no second copy). Both
+    sides go through ``build_pipeline`` (same components and scheduler) in the policy's dtype (a
+    bf16 ``frozen_dtype`` initial UNet is cast for the duration) under the trainer's precision.
 
     Under DDP the items are split across ranks and the scores gathered, so every rank logs the same.
 
@@ -112,7 +115,8 @@ class PreferenceEvaluation(Callback):
         pl_module.eval()
         with trainer.precision_plugin.forward_context():
             if self.baseline_scores is None:
-                with pl_module.initial_model() as unet:
+                policy_dtype = next(pl_module.unet.parameters()).dtype
+                with pl_module.initial_model() as unet, in_dtype(unet, policy_dtype):
                     images = generate(pl_module.build_pipeline(unet), shard, self.config)
                 self.baseline_scores = score(self.scorers, images, prompts)
                 self.baseline_images = images[: self.grid_size]

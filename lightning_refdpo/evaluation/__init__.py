@@ -18,6 +18,7 @@ from lightning_refdpo.evaluation.generation import (
     GenerationConfig,
     evaluation_items,
     generate,
+    in_dtype,
     load_pipeline,
     with_scheduler,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "evaluation_items",
     "generate",
     "image_grid",
+    "in_dtype",
     "load_pipeline",
     "log_image",
     "paper_scorers",

@@ -104,6 +104,18 @@ def load_pipeline(model: str, device: str) -> tuple[object, object | None]:
     return pipeline_from_export(model).to(device), None
 
 
+@contextmanager
+def in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[torch.nn.Module]:
+    """``module`` cast to ``dtype`` for the duration, then back (bf16 -> fp32 -> bf16 is exact):
+    a frozen bf16 UNet generates in the policy's dtype, as the policy does."""
+    original = next(module.parameters()).dtype
+    module.to(dtype)
+    try:
+        yield module
+    finally:
+        module.to(original)
+
+
 def same_components(pipeline: Any, unet: torch.nn.Module) -> Any:
     """A pipeline of ``pipeline``'s class over its components (VAE, text encoders, tokenizers,
     scheduler, safety checker, ...) with ``unet`` instead of its UNet, without the watermark."""
