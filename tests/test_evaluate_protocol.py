@@ -105,6 +105,24 @@ def test_untrained_checkpoint_against_its_base_folder_is_bit_identical(
         assert all(figures["win_rate_ci"] == [0.5, 0.5] for figures in entry["scores"].values())
 
 
+@pytest.mark.parametrize("safety_checker", [False, True], ids=["off", "on"])
+def test_the_safety_checker_is_off_on_both_sides_or_on_for_both(
+    checkpoint, base_with_safety_checker, tmp_path, safety_checker
+):
+    """The model pipeline has a checker that flags everything; the baseline (a checkpoint) has none."""
+    results = evaluate(
+        base_with_safety_checker,
+        tmp_path / "eval",
+        f"--baseline={checkpoint}",
+        f"--safety_checker={str(safety_checker).lower()}",
+        "--save_images=true",
+    )
+    runs = next((tmp_path / "eval" / "runs").iterdir())
+    assert images_of(runs / "model") == images_of(runs / "baseline")
+    brightness = next(iter(results["prompt_sets"].values()))["scores"]["Brightness"]
+    assert (brightness["model_mean"] == 0.0) == safety_checker and brightness["win_rate"] == 0.5
+
+
 def test_evaluate_without_baseline_with_a_bfloat16_initial_model(tiny_model, tiny_data, tmp_path):
     """The shipped full fine-tuning configs keep the frozen UNets in bfloat16."""
     ckpt = untrained_checkpoint(

@@ -61,6 +61,7 @@ def test_evaluation_before_training_ties_with_initial_model(tiny_model, tiny_dat
     assert metrics["eval/Brightness"].item() == pytest.approx(metrics["eval/initial/Brightness"].item())
     assert metrics["eval/Brightness_win_rate"].item() == 0.5, "identical images are ties"
     assert len(callback.items) == 4 and callback.baseline_scores["Brightness"].shape == (4,)
+    assert (callback.config.guidance_scale, callback.config.scheduler) == (7.5, "DDIMScheduler")
 
 
 def test_evaluation_with_a_bfloat16_initial_model_in_32_bit_training(tiny_model, tiny_data, tmp_path):

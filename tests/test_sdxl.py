@@ -174,6 +174,9 @@ def test_evaluation_callback_generates_with_the_sdxl_pipeline(tiny_sdxl, tiny_da
     metrics = trainer.callback_metrics
     assert metrics["eval/Brightness"].item() == pytest.approx(metrics["eval/initial/Brightness"].item())
     assert callback.baseline_images.shape == (2, 3, 32, 32)
+    assert (callback.config.guidance_scale, callback.config.scheduler) == (5.0, "DDPMScheduler"), (
+        "SDXL: guidance 5 with the base model's own scheduler (the tiny model's is DDPM)"
+    )
 
 
 @pytest.mark.parametrize("name", ["sdxl_dpo", "sdxl_refdpo", "sdxl_refdpo_lora"])

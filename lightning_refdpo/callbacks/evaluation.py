@@ -19,6 +19,8 @@ from lightning_refdpo.evaluation import (
     log_image,
     score,
 )
+from lightning_refdpo.evaluation.generation import sampler_config
+from lightning_refdpo.export import base_scheduler
 from lightning_refdpo.metrics import RewardScore
 from lightning_refdpo.prompts import load_prompts
 
@@ -45,8 +47,10 @@ class PreferenceEvaluation(Callback):
         seeds: one image per prompt and seed (the paper: 5 seeds).
         max_prompts: keep the first N prompts.
         every_n_steps: minimum optimizer steps between evaluations (``None``: every validation).
-        num_inference_steps, guidance_scale, resolution, scheduler, batch_size: sampler settings
-            (defaults of the Diffusion-DPO evaluations: DDIM, 50 steps, guidance 7.5).
+        num_inference_steps, guidance_scale, scheduler: the sampler; by default the paper's for the
+            model family (``lightning_refdpo.evaluation.generation.SAMPLERS``): SD1.5 DDIM, 50
+            steps, guidance 7.5; SDXL the base model's own scheduler, 50 steps, guidance 5.0.
+        resolution, batch_size: image side (default: the model's) and images per forward.
         grid_size: images in the logged grid.
     """
 
@@ -57,10 +61,10 @@ class PreferenceEvaluation(Callback):
         seeds: Sequence[int] = (0,),
         max_prompts: int | None = None,
         every_n_steps: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         resolution: int | None = None,
-        scheduler: str = "DDIMScheduler",
+        scheduler: str | None = None,
         batch_size: int = 8,
         grid_size: int = 8,
     ) -> None:
@@ -73,7 +77,13 @@ class PreferenceEvaluation(Callback):
         self.seeds = list(seeds)
         self.max_prompts = max_prompts
         self.every_n_steps = every_n_steps
-        self.config = GenerationConfig(num_inference_steps, guidance_scale, resolution, scheduler, batch_size)
+        self.sampler = {
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "scheduler": scheduler,
+        }
+        self.resolution, self.batch_size = resolution, batch_size
+        self.config: GenerationConfig | None = None
         self.grid_size = grid_size
         self.items: list[tuple[str, int]] = []
         self.baseline_scores: dict[str, torch.Tensor] | None = None
@@ -83,6 +93,11 @@ class PreferenceEvaluation(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         prompts = self.prompts if isinstance(self.prompts, list) else load_prompts(self.prompts)
         self.items = evaluation_items(prompts[: self.max_prompts], self.seeds)
+        self.config = sampler_config(
+            pl_module.build_pipeline(), self.resolution, self.batch_size, **self.sampler
+        )
+        if self.config.scheduler is None:
+            self.config.scheduler = type(base_scheduler(pl_module)).__name__
         for scorer in self.scorers.values():
             scorer.to(pl_module.device)
 
