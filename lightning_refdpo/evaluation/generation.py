@@ -137,7 +137,7 @@ def set_safety_checker(pipeline: Any, module: Any, enabled: bool) -> None:
             raise ValueError(f"{type(pipeline).__name__} has no safety checker; use safety_checker: false")
         return
     if not enabled:
-        pipeline.register_modules(safety_checker=None, feature_extractor=pipeline.feature_extractor)
+        pipeline.register_modules(safety_checker=None)
         pipeline.register_to_config(requires_safety_checker=False)
         return
     if pipeline.safety_checker is None:
@@ -150,9 +150,7 @@ def set_safety_checker(pipeline: Any, module: Any, enabled: bool) -> None:
             raise ValueError("safety_checker: true needs a model pipeline that has one, or a checkpoint")
         base = module.hparams.pretrained_model_name_or_path
         pipeline.register_modules(
-            safety_checker=load_component(StableDiffusionSafetyChecker, base, "safety_checker").to(
-                pipeline.device, pipeline.unet.dtype
-            ),
+            safety_checker=load_component(StableDiffusionSafetyChecker, base, "safety_checker"),
             feature_extractor=load_component(CLIPImageProcessor, base, "feature_extractor"),
         )
     pipeline.register_to_config(requires_safety_checker=True)
@@ -178,7 +176,7 @@ def comparison_pipelines(
     set_safety_checker(pipeline, module, safety_checker)
     if hasattr(pipeline, "watermark"):
         pipeline.watermark = None
-    pipeline.to(dtype=dtype)
+    pipeline.to(device=device, dtype=dtype)
 
     @contextmanager
     def model_side() -> Iterator[Any]:
