@@ -11,8 +11,8 @@ columns ``caption``, ``latents_mean_w``, ``latents_std_w``, ``latents_mean_l``, 
 one column per output of the module's ``encode_prompts`` (``encoder_hidden_states``; SDXL adds the
 pooled ``text_embeds``) and the ``(2, 2)`` ``original_size`` and ``crop_top_left`` of winner and
 loser (SDXL's per-image micro-conditioning); ``empty_prompt.safetensors`` (the embeddings of
-``""`` used for caption dropout) and ``cache.json`` (model and VAE ids, splits, dtype). Images are cropped at the centre
-and not flipped (a cached image has one crop).
+``""`` used for caption dropout) and ``cache.json`` (model and VAE ids, splits, dtype). Images
+are cropped at the centre and not flipped (a cached image has one crop).
 """
 
 from __future__ import annotations
