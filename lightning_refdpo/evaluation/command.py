@@ -60,9 +60,10 @@ def evaluate_model(
         prompt_sets: names or files (see ``lightning_refdpo.prompts``); ``hpdv2`` is reported per style.
         seeds: one image per prompt and seed (the paper: 5).
         max_prompts: keep the first N prompts of each set (of each HPDv2 style).
-        num_inference_steps, guidance_scale, scheduler: the sampler; by default the paper's for the
-            model family: SD1.5 DDIM, 50 steps, guidance 7.5; SDXL its pipeline's own scheduler, 50
-            steps, guidance 5.0. ``scheduler: default`` keeps the pipeline's own for SD1.5 too.
+        num_inference_steps: sampler steps; default: the paper's, 50 for SD1.5 and SDXL.
+        guidance_scale: classifier-free guidance; default: the paper's, 7.5 for SD1.5, 5.0 for SDXL.
+        scheduler: a diffusers scheduler class name, or ``default`` for the pipeline's own;
+            default: the paper's, ``DDIMScheduler`` for SD1.5, the pipeline's own for SDXL.
         resolution: image side in pixels (default: the model's).
         batch_size: images generated and scored at a time, per process.
         dtype: ``float32``, ``bfloat16`` or ``float16``, for every component of both sides.
