@@ -20,12 +20,15 @@ from lightning_refdpo.evaluation.report import summarize
 PROMPTS = ["a red cat", "a blue dog", "a green tree"]
 
 
-def untrained_checkpoint(tiny_model, tiny_data, root: Path, *overrides: str) -> str:
+def untrained_checkpoint(
+    tiny_model, tiny_data, root: Path, *overrides: str, module: str = "lightning_refdpo.DiffusionDPOModule"
+) -> str:
     """A checkpoint of ``lightning-refdpo fit`` before any step: the base model."""
     cli = main(
         [
             "fit",
             "--config=configs/tiny.yaml",
+            f"--model.class_path={module}",
             f"--model.init_args.pretrained_model_name_or_path={tiny_model}",
             f"--data.init_args.data_files={json.dumps(tiny_data)}",
             f"--trainer.default_root_dir={root}",
@@ -121,6 +124,45 @@ def test_the_safety_checker_is_off_on_both_sides_or_on_for_both(
     assert images_of(runs / "model") == images_of(runs / "baseline")
     brightness = next(iter(results["prompt_sets"].values()))["scores"]["Brightness"]
     assert (brightness["model_mean"] == 0.0) == safety_checker and brightness["win_rate"] == 0.5
+
+
+def test_sdxl_checkpoint_against_its_base_folder_is_bit_identical(tiny_sdxl, tiny_data, tmp_path):
+    ckpt = untrained_checkpoint(
+        tiny_sdxl, tiny_data, tmp_path / "fit", module="lightning_refdpo.sdxl.StableDiffusionXLDPOModule"
+    )
+    results = evaluate(ckpt, tmp_path / "eval", f"--baseline={tiny_sdxl}", "--save_images=true")
+    runs = next((tmp_path / "eval" / "runs").iterdir())
+    assert len(images_of(runs / "model")) == 6 and images_of(runs / "model") == images_of(runs / "baseline")
+    assert next(iter(results["prompt_sets"].values()))["scores"]["Brightness"]["win_rate"] == 0.5
+    assert (
+        results["generation"]["guidance_scale"] == 5.0
+        and results["generation"]["scheduler"] == "DDPMScheduler"
+    )
+
+
+def test_hpdv2_is_reported_per_style(checkpoint, tmp_path, monkeypatch):
+    from lightning_refdpo import prompts
+
+    monkeypatch.setattr(prompts, "_hpdv2_prompts", lambda style: [f"{style} {i}" for i in range(3)])
+    results = main(
+        [
+            "evaluate",
+            checkpoint,
+            "--scorers",
+            '[{"class_path": "tests.helpers.Brightness"}]',
+            "--prompt_sets=[hpdv2]",
+            "--max_prompts=1",
+            "--seeds=[0]",
+            "--num_inference_steps=1",
+            "--resolution=32",
+            "--device=cpu",
+            "--num_bootstrap=10",
+            f"--output={tmp_path / 'eval'}",
+        ]
+    )
+    entry = results["prompt_sets"]["hpdv2"]
+    assert entry["num_prompts"] == 4 and list(entry["styles"]) == list(prompts.HPDV2_STYLES)
+    assert "| average |" in (tmp_path / "eval" / "results.md").read_text()
 
 
 def test_evaluate_without_baseline_with_a_bfloat16_initial_model(tiny_model, tiny_data, tmp_path):
