@@ -299,6 +299,11 @@ class DiffusionDPOModule(LightningModule):
         latents_w, latents_l = self.sample_latents(mean, std, batch.get("noise_seeds")).chunk(2)
         return latents_w, latents_l, cond
 
+    def pair_conditioning(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The conditioning of the batched forward over winners then losers, from the per-pair
+        ``cond`` of :meth:`encode_batch`: each pair's conditioning for both of its images."""
+        return {k: torch.cat([v, v]) for k, v in cond.items()}
+
     # ------------------------------------------------------------------ diffusion
     def diffusion_target(
         self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
@@ -350,7 +355,7 @@ class DiffusionDPOModule(LightningModule):
             noise = torch.randn_like(latents_w)
         noise = noise.repeat(2, 1, 1, 1)
         timesteps = timesteps.to(self.device).repeat(2)
-        cond = {k: torch.cat([v, v]) for k, v in cond.items()}
+        cond = self.pair_conditioning(cond)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = self.diffusion_target(latents, noise, timesteps)
 

@@ -40,6 +40,15 @@ def load_prompts(source: str, limit: int | None = None) -> list[str]:
     return prompts[:limit]
 
 
+def load_prompt_groups(source: str, limit: int | None = None) -> dict[str, list[str]]:
+    """The prompts of ``source`` in groups reported apart: HPDv2's four styles for ``hpdv2`` (the
+    HPSv2 benchmark reports each style's mean and their average; ``limit`` applies to each style),
+    else one group named ``source``."""
+    if source == "hpdv2":
+        return {style: load_prompts(f"hpdv2/{style}", limit) for style in HPDV2_STYLES}
+    return {source: load_prompts(source, limit)}
+
+
 def _dataset_prompts(path: str, split: str, column: str) -> list[str]:
     import datasets
 

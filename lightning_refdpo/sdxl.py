@@ -6,9 +6,12 @@ and ``StableDiffusionXLPipeline`` (so training and generation agree):
 - ``encoder_hidden_states``: the penultimate hidden states of both text encoders concatenated on
   the feature axis (768 + 1280 = 2048 channels for SDXL base);
 - ``text_embeds``: the pooled, projected embedding of the second text encoder (1280);
-- ``time_ids``: the micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``
-  of each pair: the image size before resizing and the top-left of the crop actually taken by the
-  data loader (``original_size``, ``crop_top_left`` of the batch), and the training crop's size.
+- ``time_ids``: the micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``.
+  ``micro_conditioning="fixed"`` (Diffusion-DPO's SDXL training, the SDXL recipes):
+  ``(res, res, 0, 0, res, res)`` for every image, ``res`` the training resolution.
+  ``"per_image"`` (diffusers' ``train_diffusion_dpo_sdxl.py``): each image's own size before
+  resizing and the top-left of its own crop (``original_size``, ``crop_top_left`` of the batch,
+  winner and loser rows), and the training crop's size.
 
 The last two reach the UNet as ``added_cond_kwargs``. Everything else (loss, reference model,
 timesteps, checkpoints) is the base module's.
@@ -25,6 +28,7 @@ from lightning_refdpo.hub import load_component
 from lightning_refdpo.module import DiffusionDPOModule
 
 MICRO_CONDITIONING = ("original_size", "crop_top_left")
+MICRO_CONDITIONING_MODES = ("fixed", "per_image")
 
 
 class StableDiffusionXLDPOModule(DiffusionDPOModule):
@@ -36,6 +40,7 @@ class StableDiffusionXLDPOModule(DiffusionDPOModule):
             layout plus ``text_encoder_2`` and ``tokenizer_2``).
         vae_name_or_path: see :class:`DiffusionDPOModule`; the SDXL configs use
             ``madebyollin/sdxl-vae-fp16-fix`` (the SDXL VAE gives NaNs in fp16).
+        micro_conditioning: ``"fixed"`` (Diffusion-DPO) or ``"per_image"``, see the module docstring.
         **kwargs: every other argument of :class:`DiffusionDPOModule`.
     """
 
@@ -43,8 +48,14 @@ class StableDiffusionXLDPOModule(DiffusionDPOModule):
         self,
         pretrained_model_name_or_path: str = "stabilityai/stable-diffusion-xl-base-1.0",
         vae_name_or_path: str | None = None,
+        micro_conditioning: str = "fixed",
         **kwargs: Any,
     ) -> None:
+        if micro_conditioning not in MICRO_CONDITIONING_MODES:
+            raise ValueError(
+                f"model.micro_conditioning must be one of {', '.join(MICRO_CONDITIONING_MODES)}; "
+                f"got {micro_conditioning!r}"
+            )
         super().__init__(
             pretrained_model_name_or_path=pretrained_model_name_or_path,
             vae_name_or_path=vae_name_or_path,
@@ -107,21 +118,30 @@ class StableDiffusionXLDPOModule(DiffusionDPOModule):
         self, batch: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """The base module's latents and text conditioning, plus the pooled embedding (from the
-        cache when cached) and each pair's ``time_ids``."""
-        missing = [k for k in MICRO_CONDITIONING if k not in batch]
-        if missing:
-            raise KeyError(
-                f"SDXL batches need {' and '.join(missing)} per pair for the micro-conditioning; "
-                "PreferenceDataModule provides them (rebuild a latent cache written without them)"
-            )
+        cache when cached) and the ``time_ids`` of the winners; per image, also ``loser_time_ids``."""
+        per_image = self.hparams.micro_conditioning == "per_image"
+        if per_image:
+            check_per_image_sizes(batch)
         latents_w, latents_l, cond = super().encode_batch(batch)
         if "latents_mean_w" in batch:
             cond["text_embeds"] = batch["text_embeds"]
         target_size = [side * self.vae_scale_factor for side in latents_w.shape[-2:]]
-        cond["time_ids"] = micro_conditioning(batch["original_size"], batch["crop_top_left"], target_size).to(
-            self.device
-        )
+        if per_image:
+            sizes, corners = batch["original_size"].to(self.device), batch["crop_top_left"].to(self.device)
+            cond["time_ids"] = micro_conditioning(sizes[:, 0], corners[:, 0], target_size)
+            cond["loser_time_ids"] = micro_conditioning(sizes[:, 1], corners[:, 1], target_size)
+        else:
+            sizes = torch.tensor(target_size, device=self.device).expand(len(latents_w), 2)
+            cond["time_ids"] = micro_conditioning(sizes, torch.zeros_like(sizes), target_size)
         return latents_w, latents_l, cond
+
+    def pair_conditioning(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The base module's, with each image's own ``time_ids`` (winners', then losers')."""
+        if "loser_time_ids" not in cond:
+            return super().pair_conditioning(cond)
+        paired = super().pair_conditioning({k: v for k, v in cond.items() if k != "loser_time_ids"})
+        paired["time_ids"] = torch.cat([cond["time_ids"], cond["loser_time_ids"]])
+        return paired
 
     @property
     def vae_scale_factor(self) -> int:
@@ -142,6 +162,22 @@ class StableDiffusionXLDPOModule(DiffusionDPOModule):
         added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].float()}
         hidden_states = cond["encoder_hidden_states"].to(dtype)
         return unet(noisy.to(dtype), timesteps, hidden_states, added_cond_kwargs=added).sample
+
+
+def check_per_image_sizes(batch: dict[str, Any]) -> None:
+    """Refuse a batch without the ``(B, 2, 2)`` sizes and crop corners of winner and loser."""
+    missing = [k for k in MICRO_CONDITIONING if k not in batch]
+    if missing:
+        raise KeyError(
+            f"SDXL batches need {' and '.join(missing)} per pair for the per-image micro-conditioning; "
+            "PreferenceDataModule provides them (rebuild a latent cache written without them)"
+        )
+    if batch["original_size"].ndim != 3:
+        raise ValueError(
+            "per-image micro-conditioning needs original_size and crop_top_left of winner and loser "
+            f"(shape (B, 2, 2)), got shape {tuple(batch['original_size'].shape)}; rebuild the latent "
+            "cache with this version, or use micro_conditioning: fixed"
+        )
 
 
 def micro_conditioning(

@@ -67,14 +67,59 @@ def test_batches_carry_sampled_timesteps(tiny_data):
     assert "timesteps" not in next(iter(dm.val_dataloader()))
 
 
-def test_same_crop_and_flip_for_winner_and_loser():
-    gradient = np.tile(np.arange(48, dtype=np.uint8)[None, :, None] * 5, (32, 1, 3))
-    image = Image.fromarray(gradient)
-    transform = PairTransform(resolution=32, random_crop=True, random_flip=True)
-    for _ in range(10):
-        out = transform(image, image.copy())
-        torch.testing.assert_close(out["pixel_values"][:3], out["pixel_values"][3:])
-    assert out["original_size"].tolist() == [32, 48]
+def columns(width: int, height: int = 32) -> Image.Image:
+    """An image whose every column has its own grey level (5 * x)."""
+    return Image.fromarray(np.tile(np.arange(width, dtype=np.uint8)[None, :, None] * 5, (height, 1, 3)))
+
+
+def test_each_image_is_cropped_by_its_own_box():
+    transform = PairTransform(resolution=32, random_crop=False, random_flip=False)
+    landscape, square = columns(64), Image.new("RGB", (32, 32), "white")
+    out = transform(landscape, square)
+    assert torch.all(out["pixel_values"][3:] == 1.0), "the square loser is not padded by the winner's box"
+    torch.testing.assert_close(out["pixel_values"][:3], transform(landscape, landscape)["pixel_values"][3:])
+    out = transform(square, landscape)
+    expected = torch.from_numpy(np.asarray(landscape.crop((16, 0, 48, 32)), dtype=np.float32) / 127.5 - 1)
+    torch.testing.assert_close(out["pixel_values"][3:], expected.permute(2, 0, 1))
+    assert out["original_size"].tolist() == [[32, 32], [32, 64]]
+    assert out["crop_top_left"].tolist() == [[0, 0], [0, 16]]
+
+
+def test_random_crops_are_drawn_per_image():
+    transform = PairTransform(resolution=32, random_crop=True, random_flip=False)
+    corners = [transform(columns(48), columns(48))["crop_top_left"] for _ in range(20)]
+    assert any(c[0, 1] != c[1, 1] for c in corners)
+
+
+@pytest.mark.parametrize("shared_flip", [False, True])
+def test_flips_are_independent_unless_shared(shared_flip):
+    transform = PairTransform(resolution=32, random_flip=True, shared_flip=shared_flip)
+    image = columns(32)
+    generator = torch.Generator().manual_seed(0)
+    flips = []
+    for _ in range(40):
+        pixels = transform(image, image.copy(), generator)["pixel_values"]
+        flips.append(tuple(bool(half[0, 0, 0] > half[0, 0, -1]) for half in (pixels[:3], pixels[3:])))
+    mixed = sum(winner != loser for winner, loser in flips)
+    assert (mixed == 0) if shared_flip else (5 < mixed < 35)
+    assert 0 < sum(w for w, _ in flips) < 40
+
+
+def test_max_train_samples_is_a_seeded_shuffle_of_the_strict_pairs(tmp_path):
+    labels = [0.5, 1.0, 0.0, 1.0, 0.5, 1.0, 0.0, 1.0, 0.0, 1.0]
+    rows = {
+        "caption": [f"p{i}" for i in range(10)],
+        "jpg_0": [solid("red")] * 10,
+        "jpg_1": [solid("blue")] * 10,
+        "label_0": labels,
+    }
+    path = write(tmp_path, rows)
+    dm = datamodule(path, max_train_samples=4, seed=7)
+    dm.setup("fit")
+    kept = [dm.splits["train"].dataset[i]["caption"] for i in range(4)]
+    strict = datasets.Dataset.from_dict(rows).filter(lambda row: row["label_0"] != 0.5)
+    assert kept == strict.shuffle(seed=7).select(range(4))["caption"]
+    assert kept != strict["caption"][:4]
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path):

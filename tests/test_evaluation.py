@@ -61,6 +61,16 @@ def test_evaluation_before_training_ties_with_initial_model(tiny_model, tiny_dat
     assert metrics["eval/Brightness"].item() == pytest.approx(metrics["eval/initial/Brightness"].item())
     assert metrics["eval/Brightness_win_rate"].item() == 0.5, "identical images are ties"
     assert len(callback.items) == 4 and callback.baseline_scores["Brightness"].shape == (4,)
+    assert (callback.config.guidance_scale, callback.config.scheduler) == (7.5, "DDIMScheduler")
+
+
+def test_evaluation_with_a_bfloat16_initial_model_in_32_bit_training(tiny_model, tiny_data, tmp_path):
+    """The initial model is generated in the policy's dtype, as the policy; it stays bf16 after."""
+    module = make_module(tiny_model, frozen_dtype="bfloat16")
+    run = trainer(tmp_path, [evaluation()])
+    run.validate(module, datamodule(tiny_data))
+    assert 0.0 <= run.callback_metrics["eval/Brightness_win_rate"].item() <= 1.0
+    assert next(module.initial_unet.parameters()).dtype == torch.bfloat16
 
 
 def test_evaluation_during_training_logs_scores_win_rate_and_grid(tiny_model, tiny_data, tmp_path):
@@ -157,8 +167,11 @@ def test_evaluate_command_writes_json_and_table(tiny_model, tiny_data, tmp_path)
     entry = written["prompt_sets"][str(tmp_path / "prompts.txt")]
     assert entry["num_images"] == 4 and set(entry["scores"]["Brightness"]) == {
         "model_mean",
+        "model_ci",
         "baseline_mean",
+        "baseline_ci",
         "win_rate",
+        "win_rate_ci",
     }
     assert written == json.loads(json.dumps(results))
     table = (tmp_path / "eval" / "results.md").read_text()

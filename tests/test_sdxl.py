@@ -26,18 +26,20 @@ def sdxl(model_path, **kwargs) -> StableDiffusionXLDPOModule:
 
 
 def cropped_pairs(transform, sizes):
-    """Collated pairs of blank images of the given (width, height), as the data loader makes them."""
+    """Collated pairs of blank images of the given (width, height) of winner and loser, as the data
+    loader makes them."""
     pairs = [
-        {"caption": f"a photo {i}", **transform(Image.new("RGB", size), Image.new("RGB", size))}
-        for i, size in enumerate(sizes)
+        {"caption": f"a photo {i}", **transform(Image.new("RGB", winner), Image.new("RGB", loser))}
+        for i, (winner, loser) in enumerate(sizes)
     ]
     return PreferenceCollator()(pairs)
 
 
-def test_conditioning_matches_the_sdxl_pipeline_and_carries_the_crop(tiny_sdxl):
-    module = sdxl(tiny_sdxl, lora_rank=2)
+def test_conditioning_matches_the_sdxl_pipeline_and_carries_each_images_crop(tiny_sdxl):
+    module = sdxl(tiny_sdxl, lora_rank=2, micro_conditioning="per_image")
     torch.manual_seed(0)
-    batch = cropped_pairs(PairTransform(32, random_crop=True, random_flip=False), [(48, 40), (32, 64)])
+    transform = PairTransform(32, random_crop=True, random_flip=False)
+    batch = cropped_pairs(transform, [((48, 40), (32, 32)), ((32, 64), (80, 32))])
     _, _, cond = module.encode_batch(batch)
 
     embeds, _, pooled, _ = module.build_pipeline().encode_prompt(
@@ -46,10 +48,13 @@ def test_conditioning_matches_the_sdxl_pipeline_and_carries_the_crop(tiny_sdxl):
     torch.testing.assert_close(cond["encoder_hidden_states"], embeds)
     torch.testing.assert_close(cond["text_embeds"], pooled)
     assert embeds.shape[-1] == 64, "both encoders' hidden states, concatenated"
-    # (orig_h, orig_w, crop_top, crop_left, target_h, target_w), the crop taken by the loader
-    expected = torch.cat([batch["original_size"], batch["crop_top_left"], torch.tensor([[32, 32]] * 2)], 1)
-    assert torch.equal(cond["time_ids"], expected.float())
-    assert expected[0, :2].tolist() == [40, 48] and expected[1, :2].tolist() == [64, 32]
+    # (orig_h, orig_w, crop_top, crop_left, target_h, target_w) of each image, the crop taken by the loader
+    for row, key in ((0, "time_ids"), (1, "loser_time_ids")):
+        sizes, corners = batch["original_size"][:, row], batch["crop_top_left"][:, row]
+        expected = torch.cat([sizes, corners, torch.tensor([[32, 32]] * 2)], 1)
+        assert torch.equal(cond[key], expected.float())
+    assert cond["time_ids"][:, :2].tolist() == [[40, 48], [64, 32]]
+    assert cond["loser_time_ids"][:, :2].tolist() == [[32, 32], [32, 80]]
 
     other_crop = {**batch, "crop_top_left": batch["crop_top_left"] + 1}
     t = torch.tensor([500, 500])
@@ -60,24 +65,41 @@ def test_conditioning_matches_the_sdxl_pipeline_and_carries_the_crop(tiny_sdxl):
 
 def test_a_bfloat16_reference_sees_the_exact_sizes_and_crop(tiny_sdxl):
     """bf16 rounds 1023 to 1024: the time ids must reach every UNet in float32."""
-    module = sdxl(tiny_sdxl, frozen_dtype="bfloat16")
+    module = sdxl(tiny_sdxl, frozen_dtype="bfloat16", micro_conditioning="per_image")
     seen = []
     module.reference_unet.add_time_proj.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
     batch = {
         "caption": ["x"],
         "pixel_values": torch.zeros(1, 6, 32, 32),
-        "original_size": torch.tensor([[1023, 777]]),
-        "crop_top_left": torch.tensor([[257, 0]]),
+        "original_size": torch.tensor([[[1023, 777], [640, 513]]]),
+        "crop_top_left": torch.tensor([[[257, 0], [0, 3]]]),
     }
     module.preference_step(batch, torch.tensor([500]))
     assert seen[0].dtype == torch.float32
-    assert seen[0].tolist() == [1023, 777, 257, 0, 32, 32] * 2, "winner and loser of the pair"
+    assert seen[0].tolist() == [1023, 777, 257, 0, 32, 32, 640, 513, 0, 3, 32, 32], "winner, then loser"
 
 
-def test_batches_without_crop_information_are_refused(tiny_sdxl):
+def test_fixed_micro_conditioning_is_the_default(tiny_sdxl):
+    """Diffusion-DPO's SDXL training: (res, res, 0, 0, res, res) for every image, whatever its size."""
     module = sdxl(tiny_sdxl, lora_rank=2)
+    seen = []
+    module.unet.add_time_proj.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    batch = cropped_pairs(PairTransform(32, random_crop=True), [((48, 40), (32, 64))])
+    module.preference_step(batch, torch.tensor([500]))
+    assert seen[-1].tolist() == [32, 32, 0, 0, 32, 32] * 2
+    module.preference_step({"caption": ["x"], "pixel_values": torch.zeros(1, 6, 32, 32)}, torch.tensor([1]))
+    for config in ("sdxl_dpo.yaml", "sdxl_refdpo.yaml", "sdxl_refdpo_lora.yaml", "sdxl_refdpo_fsdp.yaml"):
+        model = yaml.safe_load((CONFIGS / config).read_text())["model"]["init_args"]
+        assert model["micro_conditioning"] == "fixed", config
+
+
+def test_per_image_batches_without_crop_information_are_refused(tiny_sdxl):
+    module = sdxl(tiny_sdxl, lora_rank=2, micro_conditioning="per_image")
     with pytest.raises(KeyError, match="original_size and crop_top_left"):
         module.encode_batch({"caption": ["x"], "pixel_values": torch.zeros(1, 6, 32, 32)})
+    old_layout = {"original_size": torch.zeros(1, 2), "crop_top_left": torch.zeros(1, 2)}
+    with pytest.raises(ValueError, match="rebuild the latent cache"):
+        module.encode_batch({"caption": ["x"], "pixel_values": torch.zeros(1, 6, 32, 32), **old_layout})
 
 
 def test_sd15_model_is_refused_by_the_sdxl_module(tiny_model):
@@ -152,6 +174,9 @@ def test_evaluation_callback_generates_with_the_sdxl_pipeline(tiny_sdxl, tiny_da
     metrics = trainer.callback_metrics
     assert metrics["eval/Brightness"].item() == pytest.approx(metrics["eval/initial/Brightness"].item())
     assert callback.baseline_images.shape == (2, 3, 32, 32)
+    assert (callback.config.guidance_scale, callback.config.scheduler) == (5.0, "DDPMScheduler"), (
+        "SDXL: guidance 5 with the base model's own scheduler (the tiny model's is DDPM)"
+    )
 
 
 @pytest.mark.parametrize("name", ["sdxl_dpo", "sdxl_refdpo", "sdxl_refdpo_lora"])

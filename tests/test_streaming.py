@@ -58,3 +58,16 @@ def test_streamed_split_missing_a_column_is_named(tmp_path):
     )
     with pytest.raises(ValueError, match="lacks column\\(s\\) jpg_1"):
         dm.setup("fit")
+
+
+def test_streamed_max_train_samples_counts_pairs_after_ties(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    rows = {
+        "caption": [f"p{i}" for i in range(6)],
+        "jpg_0": [solid("red")] * 6,
+        "jpg_1": [solid("blue")] * 6,
+        "label_0": [0.5, 0.5, 1.0, 0.0, 1.0, 1.0],
+    }
+    dm = datamodule(write(tmp_path, rows), streaming=True, max_train_samples=3, train_batch_size=1)
+    dm.setup("fit")
+    assert sorted(c for b in dm.train_dataloader() for c in b["caption"]) == ["p2", "p3", "p4"]

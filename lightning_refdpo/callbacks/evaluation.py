@@ -15,9 +15,12 @@ from lightning_refdpo.evaluation import (
     evaluation_items,
     generate,
     image_grid,
+    in_dtype,
     log_image,
     score,
 )
+from lightning_refdpo.evaluation.generation import sampler_config
+from lightning_refdpo.export import base_scheduler
 from lightning_refdpo.metrics import RewardScore
 from lightning_refdpo.prompts import load_prompts
 
@@ -32,7 +35,9 @@ class PreferenceEvaluation(Callback):
     policy beats the initial model with the same prompt and seed), ``eval/initial/<scorer>``, and
     an image grid (captions under the images, policy above the initial model) to the logger and as
     a PNG in the log directory. The initial model's images are generated once and their scores
-    kept (with LoRA the initial model is the UNet with adapters disabled: no second copy).
+    kept (with LoRA the initial model is the UNet with adapters disabled: no second copy). Both
+    sides go through ``build_pipeline`` (same components and scheduler) in the policy's dtype (a
+    bf16 ``frozen_dtype`` initial UNet is cast for the duration) under the trainer's precision.
 
     Under DDP the items are split across ranks and the scores gathered, so every rank logs the same.
 
@@ -42,8 +47,10 @@ class PreferenceEvaluation(Callback):
         seeds: one image per prompt and seed (the paper: 5 seeds).
         max_prompts: keep the first N prompts.
         every_n_steps: minimum optimizer steps between evaluations (``None``: every validation).
-        num_inference_steps, guidance_scale, resolution, scheduler, batch_size: sampler settings
-            (defaults of the Diffusion-DPO evaluations: DDIM, 50 steps, guidance 7.5).
+        num_inference_steps, guidance_scale, scheduler: the sampler; by default the paper's for the
+            model family (``lightning_refdpo.evaluation.generation.SAMPLERS``): SD1.5 DDIM, 50
+            steps, guidance 7.5; SDXL the base model's own scheduler, 50 steps, guidance 5.0.
+        resolution, batch_size: image side (default: the model's) and images per forward.
         grid_size: images in the logged grid.
     """
 
@@ -54,10 +61,10 @@ class PreferenceEvaluation(Callback):
         seeds: Sequence[int] = (0,),
         max_prompts: int | None = None,
         every_n_steps: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         resolution: int | None = None,
-        scheduler: str = "DDIMScheduler",
+        scheduler: str | None = None,
         batch_size: int = 8,
         grid_size: int = 8,
     ) -> None:
@@ -66,11 +73,17 @@ class PreferenceEvaluation(Callback):
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"PreferenceEvaluation.every_n_steps must be >= 1 or null; got {every_n_steps}")
         self.prompts = prompts
-        self.scorers = {type(s).__name__: s for s in scorers}
+        self.scorers = {s.name: s for s in scorers}
         self.seeds = list(seeds)
         self.max_prompts = max_prompts
         self.every_n_steps = every_n_steps
-        self.config = GenerationConfig(num_inference_steps, guidance_scale, resolution, scheduler, batch_size)
+        self.sampler = {
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "scheduler": scheduler,
+        }
+        self.resolution, self.batch_size = resolution, batch_size
+        self.config: GenerationConfig | None = None
         self.grid_size = grid_size
         self.items: list[tuple[str, int]] = []
         self.baseline_scores: dict[str, torch.Tensor] | None = None
@@ -80,6 +93,11 @@ class PreferenceEvaluation(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         prompts = self.prompts if isinstance(self.prompts, list) else load_prompts(self.prompts)
         self.items = evaluation_items(prompts[: self.max_prompts], self.seeds)
+        self.config = sampler_config(
+            pl_module.build_pipeline(), self.resolution, self.batch_size, **self.sampler
+        )
+        if self.config.scheduler is None:
+            self.config.scheduler = type(base_scheduler(pl_module)).__name__
         for scorer in self.scorers.values():
             scorer.to(pl_module.device)
 
@@ -112,7 +130,8 @@ class PreferenceEvaluation(Callback):
         pl_module.eval()
         with trainer.precision_plugin.forward_context():
             if self.baseline_scores is None:
-                with pl_module.initial_model() as unet:
+                policy_dtype = next(pl_module.unet.parameters()).dtype
+                with pl_module.initial_model() as unet, in_dtype(unet, policy_dtype):
                     images = generate(pl_module.build_pipeline(unet), shard, self.config)
                 self.baseline_scores = score(self.scorers, images, prompts)
                 self.baseline_images = images[: self.grid_size]

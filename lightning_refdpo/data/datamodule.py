@@ -43,9 +43,13 @@ class PreferenceDataModule(LightningDataModule):
         data_files: files per split for local builders, e.g. ``{"train": "train.parquet"}``.
         dataset_config_name, revision, cache_dir: passed to ``load_dataset``.
         train_split, validation_split: split names (``validation_split: null`` disables validation).
-        max_train_samples, max_validation_samples: keep only the first N pairs (after dropping ties).
+        max_train_samples, max_validation_samples: keep N pairs: ties dropped, then a shuffle with
+            ``seed`` and the first N (Diffusion-DPO's ``shuffle(seed).select(range(N))``); when
+            streaming, the first N pairs of the stream that are not ties.
         resolution: square training resolution in pixels (512 for SD1.5).
-        random_crop: random instead of centre crop; random_flip: horizontal flip with p = 0.5.
+        random_crop: random instead of centre crop, drawn for each image of a pair.
+        random_flip: horizontal flip with p = 0.5, drawn for each image of a pair (as Diffusion-DPO
+            does); shared_flip: one flip for both images of a pair.
         proportion_empty_prompts: caption dropout (0.2 in the Diffusion-DPO recipe).
         timestep_sampler: draws the training timesteps (default ``UniformTimestepSampler(1000)``).
         train_batch_size: pairs per device and step; val_batch_size: pairs per validation step.
@@ -77,6 +81,7 @@ class PreferenceDataModule(LightningDataModule):
         resolution: int = 512,
         random_crop: bool = False,
         random_flip: bool = True,
+        shared_flip: bool = False,
         proportion_empty_prompts: float = 0.2,
         timestep_sampler: TimestepSampler | None = None,
         train_batch_size: int = 1,
@@ -115,28 +120,27 @@ class PreferenceDataModule(LightningDataModule):
     def load_pairs(
         self, split: str, limit: int | None, transform: PairTransform, draws: PairDraws | None = None
     ) -> PreferencePairs:
-        """The preference pairs of ``split`` (schema checked, ties dropped, first ``limit`` kept)."""
+        """The preference pairs of ``split``: schema checked, ties dropped, and with ``limit`` the
+        first ``limit`` pairs of a shuffle with :attr:`seed`."""
         dataset = self.load_split(split)
         check_schema(dataset, split)
         check_labels(dataset, split)
         dataset = drop_ties(dataset, split)
         if limit is not None:
-            dataset = dataset.select(range(min(limit, len(dataset))))
+            dataset = dataset.shuffle(seed=self.seed).select(range(min(limit, len(dataset))))
         return PreferencePairs(dataset, transform, draws)
 
     def stream_pairs(
         self, split: str, limit: int | None, transform: PairTransform, draws: PairDraws
     ) -> StreamingPreferencePairs:
-        """This rank's share of ``split`` streamed (first ``limit`` rows, ties dropped)."""
-        dataset = self.load_split(split, streaming=True)
-        if limit is not None:
-            dataset = dataset.take(limit)
+        """This rank's share of ``split`` streamed (ties dropped, then the first ``limit`` pairs)."""
         trainer = self.trainer
         return StreamingPreferencePairs(
-            dataset,
+            self.load_split(split, streaming=True),
             PreferencePairs(None, transform, draws),
             split,
             self.seed,
+            limit=limit,
             rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1,
             shuffle_buffer_size=self.hparams.shuffle_buffer_size,
@@ -174,7 +178,7 @@ class PreferenceDataModule(LightningDataModule):
             if hp.latent_cache:
                 self.splits[name] = CachedPairs(load_latent_split(hp.latent_cache, name), draws)
             elif name == "train":
-                transform = PairTransform(hp.resolution, hp.random_crop, hp.random_flip)
+                transform = PairTransform(hp.resolution, hp.random_crop, hp.random_flip, hp.shared_flip)
                 load = self.stream_pairs if hp.streaming else self.load_pairs
                 self.splits[name] = load(hp.train_split, hp.max_train_samples, transform, draws)
             else:

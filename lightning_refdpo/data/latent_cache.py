@@ -9,10 +9,10 @@ prediction are still computed at each step.
 Layout of a cache folder: one ``datasets`` Arrow folder per split (``train/``, ``validation/``) with
 columns ``caption``, ``latents_mean_w``, ``latents_std_w``, ``latents_mean_l``, ``latents_std_l``,
 one column per output of the module's ``encode_prompts`` (``encoder_hidden_states``; SDXL adds the
-pooled ``text_embeds``) and the crop's ``original_size`` and ``crop_top_left`` (SDXL's
-micro-conditioning); ``empty_prompt.safetensors`` (the embeddings of ``""`` used for caption
-dropout) and ``cache.json`` (model and VAE ids, splits, dtype). Images are cropped at the centre
-and not flipped (a cached image has one crop).
+pooled ``text_embeds``) and the ``(2, 2)`` ``original_size`` and ``crop_top_left`` of winner and
+loser (SDXL's per-image micro-conditioning); ``empty_prompt.safetensors`` (the embeddings of
+``""`` used for caption dropout) and ``cache.json`` (model and VAE ids, splits, dtype). Images
+are cropped at the centre and not flipped (a cached image has one crop).
 """
 
 from __future__ import annotations

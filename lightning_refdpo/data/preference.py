@@ -81,39 +81,41 @@ def decode_image(value: Any) -> Image.Image:
 
 @dataclass
 class PairTransform:
-    """Resize the shorter side to ``resolution``, crop a square and maybe flip, the same crop and
-    flip for winner and loser (as the Diffusion-DPO script does); pixels go to ``[-1, 1]``."""
+    """Winner and loser transformed independently, as the Diffusion-DPO training script transforms
+    the two images of a pair: each image's shorter side resized to ``resolution``, a square cropped
+    by the image's own box (centre, or with ``random_crop`` a corner drawn for that image), then a
+    horizontal flip with p = 0.5 drawn for each image (``shared_flip``: one flip for both). Pixels
+    go to ``[-1, 1]``.
+
+    Per image (row 0 the winner, row 1 the loser) it also returns SDXL's micro-conditioning:
+    ``original_size`` ``(2, 2)``, the ``(h, w)`` before resizing, and ``crop_top_left`` ``(2, 2)``,
+    the ``(top, left)`` of the crop in the resized image.
+    """
 
     resolution: int = 512
     random_crop: bool = False
     random_flip: bool = True
+    shared_flip: bool = False
 
     def __call__(
         self, winner: Image.Image, loser: Image.Image, generator: torch.Generator | None = None
     ) -> dict[str, Any]:
-        """Crop offsets and the flip are drawn from ``generator`` (the pair's, see ``draws.py``)."""
-        original_size = (winner.height, winner.width)
-        images = [self._resize(winner), self._resize(loser)]
-        height, width = images[0].height, images[0].width
-        if self.random_crop:
-            top = int(torch.randint(0, height - self.resolution + 1, (), generator=generator))
-            left = int(torch.randint(0, width - self.resolution + 1, (), generator=generator))
-        else:
-            top = (height - self.resolution) // 2
-            left = (width - self.resolution) // 2
-        box = (left, top, left + self.resolution, top + self.resolution)
-        flip = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
+        """Crop corners, then the flips, are drawn from ``generator`` (the pair's, see ``draws.py``)."""
+        originals = [(image.height, image.width) for image in (winner, loser)]
+        resized = [self._resize(winner), self._resize(loser)]
+        corners = [self._crop_corner(image, generator) for image in resized]
+        flips = self._flips(generator)
         tensors = []
-        for image in images:
-            image = image.crop(box)
+        for image, (top, left), flip in zip(resized, corners, flips, strict=True):
+            image = image.crop((left, top, left + self.resolution, top + self.resolution))
             if flip:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
             tensors.append(torch.from_numpy(array).permute(2, 0, 1))
         return {
             "pixel_values": torch.cat(tensors),
-            "original_size": torch.tensor(original_size),
-            "crop_top_left": torch.tensor((top, left)),
+            "original_size": torch.tensor(originals),
+            "crop_top_left": torch.tensor(corners),
         }
 
     def _resize(self, image: Image.Image) -> Image.Image:
@@ -123,6 +125,19 @@ class PairTransform:
             max(self.resolution, round(image.height * scale)),
         )
         return image.resize(size, Image.Resampling.BILINEAR)
+
+    def _crop_corner(self, image: Image.Image, generator: torch.Generator | None) -> tuple[int, int]:
+        if not self.random_crop:
+            return (image.height - self.resolution) // 2, (image.width - self.resolution) // 2
+        top = int(torch.randint(0, image.height - self.resolution + 1, (), generator=generator))
+        left = int(torch.randint(0, image.width - self.resolution + 1, (), generator=generator))
+        return top, left
+
+    def _flips(self, generator: torch.Generator | None) -> list[bool]:
+        if not self.random_flip:
+            return [False, False]
+        draws = torch.rand(1 if self.shared_flip else 2, generator=generator) < 0.5
+        return [bool(draws[0]), bool(draws[-1])]
 
 
 class PreferencePairs(torch.utils.data.Dataset):

@@ -17,8 +17,8 @@ from lightning_refdpo.data.preference import TIE, PreferencePairs, check_schema
 
 
 class StreamingPreferencePairs(torch.utils.data.IterableDataset):
-    """This rank's pairs of a streaming ``datasets.IterableDataset``, ties dropped, shuffled in a
-    buffer of ``shuffle_buffer_size`` pairs (seed ``seed + epoch``), decoded like ``pairs`` decodes.
+    """This rank's pairs of a streaming ``datasets.IterableDataset``: ties dropped, the first
+    ``limit`` pairs kept (all with ``None``), shuffled in a buffer of ``shuffle_buffer_size`` pairs (seed ``seed + epoch``), decoded like ``pairs`` decodes.
 
     The ``i``-th pair that worker ``w`` of ``num_workers`` on rank ``r`` of ``world_size`` yields
     draws as pair ``(i * num_workers + w) * world_size + r`` of the epoch (``draws.py``).
@@ -33,10 +33,13 @@ class StreamingPreferencePairs(torch.utils.data.IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         shuffle_buffer_size: int = 1000,
+        limit: int | None = None,
     ) -> None:
         if dataset.features is not None:
             check_schema(dataset, split)
         dataset = dataset.filter(lambda label: label != TIE, input_columns="label_0")
+        if limit is not None:
+            dataset = dataset.take(limit)
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
         self.dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
         self.pairs = pairs

@@ -5,6 +5,7 @@ from lightning_refdpo.metrics.base import RewardScore, to_float_images, to_pil_i
 from lightning_refdpo.metrics.clip_score import CLIPScore
 from lightning_refdpo.metrics.hpsv2 import HPSv2
 from lightning_refdpo.metrics.image_reward import ImageReward
+from lightning_refdpo.metrics.open_clip_score import OpenCLIPScore
 from lightning_refdpo.metrics.pickscore import PickScore
 from lightning_refdpo.metrics.win_rate import WinRate, win_rate
 
@@ -13,6 +14,7 @@ __all__ = [
     "CLIPScore",
     "HPSv2",
     "ImageReward",
+    "OpenCLIPScore",
     "PickScore",
     "RewardScore",
     "WinRate",

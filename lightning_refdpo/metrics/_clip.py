@@ -6,18 +6,23 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import AutoProcessor, CLIPModel
 
 from lightning_refdpo.metrics._hub import from_pretrained
 from lightning_refdpo.metrics.base import freeze, to_pil_images
 
+#: image processor on PIL, as the reference scorers ran (transformers 5 picks torchvision's when
+#: installed, transformers 4 a "fast" processor where asked)
+PIL_BACKEND = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
+
 
 class CLIPEmbedder(nn.Module):
     """``CLIPModel`` + ``AutoProcessor`` loaded by hub id or local folder, frozen.
 
     Images go through the processor as 8-bit PIL images (the way the reference scorers feed
-    files they opened), prompts are truncated to the text model's context (77 tokens for CLIP).
+    files they opened), with the processor's PIL backend (:data:`PIL_BACKEND`), prompts are truncated to the text model's context (77 tokens for CLIP).
     Embeddings are the projected pooled outputs (``get_image_features`` / ``get_text_features``)
     divided by their L2 norm.
     """
@@ -42,6 +47,7 @@ class CLIPEmbedder(nn.Module):
             processor_name_or_path,
             what=f"{scorer} CLIP processor",
             argument=processor_argument,
+            **PIL_BACKEND,
         )
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:

@@ -11,13 +11,13 @@ from lightning_refdpo.hub import ModelLoadError, load_component
 _ONLINE_ONCE = "or run once online to fill the Hugging Face cache"
 
 
-def from_pretrained(cls: Any, name_or_path: str, *, what: str, argument: str) -> Any:
-    """``cls.from_pretrained(name_or_path)`` through :func:`~lightning_refdpo.hub.load_component`.
+def from_pretrained(cls: Any, name_or_path: str, *, what: str, argument: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(name_or_path, **kwargs)`` through :func:`~lightning_refdpo.hub.load_component`.
 
     Raises :class:`~lightning_refdpo.hub.ModelLoadError` (an ``OSError``) naming ``argument``.
     """
     try:
-        return load_component(cls, name_or_path)
+        return load_component(cls, name_or_path, **kwargs)
     except ModelLoadError as err:
         raise ModelLoadError(
             f"could not load {what} {name_or_path!r} (offline or missing); "

@@ -76,6 +76,12 @@ class RewardScore(Metric):
         super().__init__(**kwargs)
         self.add_state("per_image", default=[], dist_reduce_fx="cat")
 
+    @property
+    def name(self) -> str:
+        """The metric's name in logs, tables and JSON: the class name, plus the version or backbone
+        for scorers that have several."""
+        return type(self).__name__
+
     @abstractmethod
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Per-image scores for float images ``(N, 3, H, W)`` in ``[0, 1]`` and ``N`` prompts."""

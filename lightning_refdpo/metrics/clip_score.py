@@ -10,6 +10,9 @@ import torch
 from lightning_refdpo.metrics._clip import CLIPEmbedder
 from lightning_refdpo.metrics.base import RewardScore
 
+#: ViT size letter of each vision width (OpenAI CLIP B: 768, L: 1024; LAION H: 1280)
+VIT_SIZES = {768: "B", 1024: "L", 1280: "H"}
+
 
 class CLIPScore(RewardScore):
     r"""Text-image alignment as scaled CLIP cosine similarity, one value per image.
@@ -17,7 +20,8 @@ class CLIPScore(RewardScore):
     .. math:: \mathrm{CLIPScore}(x, c) = 100 \max(\cos(E_I(x), E_T(c)), 0)
 
     the formula of :class:`torchmetrics.multimodal.CLIPScore` (the scale diffusion papers report,
-    e.g. 33.84), with OpenAI's CLIP ViT-L/14 by default. It is computed here rather than through
+    e.g. 33.84), with OpenAI's CLIP ViT-L/14 by default (Diffusion-DPO's CLIP metric is
+    :class:`~lightning_refdpo.metrics.OpenCLIPScore`, ViT-H-14). The backbone is part of :attr:`name`. It is computed here rather than through
     torchmetrics because that class keeps only a running sum (no per-image scores), loads only
     the hub ids it knows (not a local folder), and in torchmetrics 1.9 breaks on transformers 5,
     whose ``get_image_features`` returns a model output instead of a tensor. One difference: the clamp
@@ -48,3 +52,10 @@ class CLIPScore(RewardScore):
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         cosine = (self.clip.image_embeds(images) * self.clip.text_embeds(prompts)).sum(-1)
         return 100.0 * cosine.clamp(min=0.0)
+
+    @property
+    def name(self) -> str:
+        """``CLIPScore-<backbone>`` in open_clip's spelling, e.g. ``CLIPScore-ViT-L-14``."""
+        vision = self.clip.model.config.vision_config
+        size = VIT_SIZES.get(vision.hidden_size, str(vision.hidden_size))
+        return f"CLIPScore-ViT-{size}-{vision.patch_size}"

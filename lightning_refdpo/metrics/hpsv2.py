@@ -1,4 +1,4 @@
-"""Human Preference Score v2 / v2.1 (Wu et al., 2023, "Human Preference Score v2", arXiv 2306.09341)."""
+"""Human Preference Score v2.0 / v2.1 (Wu et al., 2023, "Human Preference Score v2", arXiv 2306.09341)."""
 
 from __future__ import annotations
 
@@ -8,30 +8,23 @@ from typing import Any
 import torch
 
 from lightning_refdpo.metrics._hub import hub_file
+from lightning_refdpo.metrics._open_clip import import_open_clip
 from lightning_refdpo.metrics.base import RewardScore, freeze, to_pil_images
 
 #: checkpoint file of each HPS version in the hub repo ``xswu/HPSv2`` (``hps_version_map`` of the hpsv2 package)
 HPS_CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 
 
-def _import_open_clip() -> Any:
-    try:
-        import open_clip
-    except ImportError as err:
-        raise ImportError(
-            "HPSv2 needs open_clip; install the extra: pip install 'lightning-refdpo[hpsv2]' (package open_clip_torch)"
-        ) from err
-    return open_clip
-
-
 class HPSv2(RewardScore):
-    r"""HPS v2 / v2.1: an open_clip ViT-H-14 fine-tuned on human preference pairs (HPD v2).
+    r"""HPS v2.0 / v2.1: an open_clip ViT-H-14 fine-tuned on human preference pairs (HPD v2).
 
-    .. math:: \mathrm{HPS}(x, c) = \cos(E_I(x), E_T(c))
+    .. math:: \mathrm{HPS}(x, c) = 100 \cos(E_I(x), E_T(c))
 
-    the diagonal of ``image_features @ text_features.T`` of the unit-norm open_clip features, as
-    ``hpsv2.score`` reports it (https://github.com/tgxs002/HPSv2, ``img_score.py``; typical values
-    are around 0.25-0.30). As there, the architecture is built without pretrained weights, the
+    100 times the diagonal of ``image_features @ text_features.T`` of the unit-norm open_clip
+    features that ``hpsv2.score`` reports (https://github.com/tgxs002/HPSv2, ``img_score.py``), the
+    scale of the papers' tables (e.g. 27.19). The two versions are different models whose scores
+    cannot be compared (SD1.4: 26.95 on v2.0, 25.35 on v2.1); v2.0 is the one of ``hpsv2.score``
+    and of Diffusion-DPO, so the default. The version is part of :attr:`name`. As in ``hpsv2``, the architecture is built without pretrained weights, the
     checkpoint's ``state_dict`` is loaded into it, images go through open_clip's validation
     transform as 8-bit PIL images and prompts through the architecture's open_clip tokenizer. The
     model runs in float32 here, where ``hpsv2`` uses CUDA autocast.
@@ -39,7 +32,7 @@ class HPSv2(RewardScore):
     Needs ``open_clip`` (``pip install 'lightning-refdpo[hpsv2]'``).
 
     Args:
-        version: ``"v2.1"`` (default) or ``"v2.0"``; picks the checkpoint file in ``repo_id``.
+        version: ``"v2.0"`` (default) or ``"v2.1"``; picks the checkpoint file in ``repo_id``.
         checkpoint_path: local path of an HPS checkpoint (a dict with a ``state_dict``); when
             ``None`` it is fetched from the hub.
         architecture: open_clip model name the checkpoint belongs to (default ``ViT-H-14``).
@@ -49,7 +42,7 @@ class HPSv2(RewardScore):
 
     def __init__(
         self,
-        version: str = "v2.1",
+        version: str = "v2.0",
         checkpoint_path: str | None = None,
         architecture: str = "ViT-H-14",
         repo_id: str = "xswu/HPSv2",
@@ -57,8 +50,9 @@ class HPSv2(RewardScore):
     ) -> None:
         if version not in HPS_CHECKPOINTS:
             raise ValueError(f"unknown HPS version {version!r}; choose one of {sorted(HPS_CHECKPOINTS)}")
-        open_clip = _import_open_clip()
+        open_clip = import_open_clip("HPSv2")
         super().__init__(**kwargs)
+        self.version = version
         if checkpoint_path is None:
             checkpoint_path = hub_file(
                 repo_id, HPS_CHECKPOINTS[version], what="HPS checkpoint", argument="checkpoint_path"
@@ -74,4 +68,9 @@ class HPSv2(RewardScore):
         pixels = torch.stack([self.preprocess(image) for image in to_pil_images(images)]).to(self.device)
         image_features = self.model.encode_image(pixels, normalize=True)
         text_features = self.model.encode_text(self.tokenizer(list(prompts)).to(self.device), normalize=True)
-        return (image_features * text_features).sum(-1)
+        return 100.0 * (image_features * text_features).sum(-1)
+
+    @property
+    def name(self) -> str:
+        """``HPSv2.0`` or ``HPSv2.1``."""
+        return f"HPSv{self.version[1:]}"

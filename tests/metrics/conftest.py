@@ -77,3 +77,48 @@ def clip_reference(clip_dir: str, pil_images: list[Image.Image], prompts: list[s
     inputs = processor(text=prompts, images=pil_images, padding=True, return_tensors="pt")
     with torch.no_grad():
         return model(**inputs)
+
+
+class StandInOpenCLIP(torch.nn.Module):
+    """An open_clip-like model: images and token ids to features (``encode_image``, ``encode_text``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.visual = torch.nn.Linear(3 * 8 * 8, 16)
+        self.text = torch.nn.EmbeddingBag(256, 16)
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.visual(pixels.flatten(1))
+        return torch.nn.functional.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.text(tokens)
+        return torch.nn.functional.normalize(features, dim=-1) if normalize else features
+
+
+@pytest.fixture
+def stand_in_open_clip(monkeypatch: pytest.MonkeyPatch):
+    """``open_clip`` replaced by a module of the same API over :class:`StandInOpenCLIP` (open_clip
+    needs torchvision, which a CPU-only test install lacks); records the ``pretrained`` asked for."""
+    import sys
+    import types
+
+    module = types.ModuleType("open_clip")
+    module.requested = []
+
+    def preprocess(image: Image.Image) -> torch.Tensor:
+        array = torch.tensor(list(image.resize((8, 8)).getdata()), dtype=torch.float32)
+        return array.T.reshape(3, 8, 8) / 255
+
+    def create_model_and_transforms(architecture: str, pretrained: str | None = None):
+        module.requested.append((architecture, pretrained))
+        return StandInOpenCLIP(), None, preprocess
+
+    def get_tokenizer(architecture: str):
+        return lambda prompts: torch.tensor([[ord(c) % 256 for c in (p + " " * 8)[:8]] for p in prompts])
+
+    module.create_model_and_transforms = create_model_and_transforms
+    module.get_tokenizer = get_tokenizer
+    monkeypatch.setitem(sys.modules, "open_clip", module)
+    return module

@@ -40,3 +40,24 @@ def test_offline_error_names_the_argument():
         OSError, match=r"could not load CLIPScore CLIP model 'no-such/model'.*model_name_or_path="
     ):
         CLIPScore(model_name_or_path="no-such/model")
+
+
+def test_name_carries_the_backbone(clip_score):
+    assert clip_score.name == "CLIPScore-ViT-32-8", "the tiny CLIP: width 32, patch 8"
+
+
+def test_image_processor_runs_on_pil(clip_dir, monkeypatch):
+    """transformers 5 would pick the torchvision processor when torchvision is installed."""
+    from transformers import AutoProcessor
+
+    from lightning_refdpo.metrics._clip import PIL_BACKEND
+
+    asked = []
+    original = AutoProcessor.from_pretrained
+    monkeypatch.setattr(
+        AutoProcessor, "from_pretrained", lambda *a, **kw: asked.append(kw) or original(*a, **kw)
+    )
+    scorer = CLIPScore(model_name_or_path=clip_dir)
+    assert asked and all(kw.items() >= PIL_BACKEND.items() for kw in asked)
+    assert PIL_BACKEND in ({"backend": "pil"}, {"use_fast": False})
+    assert "Pil" in type(scorer.clip.processor.image_processor).__name__ or PIL_BACKEND == {"use_fast": False}

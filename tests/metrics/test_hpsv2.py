@@ -27,8 +27,8 @@ def checkpoint(open_clip, tmp_path_factory) -> str:
     open_clip.add_model_config(folder / f"{TINY_ARCHITECTURE}.json")
     torch.manual_seed(5)
     model = open_clip.create_model(TINY_ARCHITECTURE)
-    torch.save({"state_dict": model.state_dict()}, folder / "HPS_v2.1_compressed.pt")
-    return str(folder / "HPS_v2.1_compressed.pt")
+    torch.save({"state_dict": model.state_dict()}, folder / "HPS_v2_compressed.pt")
+    return str(folder / "HPS_v2_compressed.pt")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def hps(checkpoint) -> HPSv2:
 
 @pytest.fixture(scope="module")
 def expected(open_clip, checkpoint, pil_images, prompts) -> torch.Tensor:
-    """``hpsv2.score``: diagonal of image_features @ text_features.T of the unit-norm open_clip features."""
+    """100 times ``hpsv2.score``: the diagonal of image_features @ text_features.T of the unit-norm open_clip features."""
     model, _, preprocess = open_clip.create_model_and_transforms(TINY_ARCHITECTURE)
     model.load_state_dict(torch.load(checkpoint)["state_dict"])
     tokenizer = open_clip.get_tokenizer(TINY_ARCHITECTURE)
@@ -46,21 +46,21 @@ def expected(open_clip, checkpoint, pil_images, prompts) -> torch.Tensor:
         image_features, text_features, _ = model.eval()(
             torch.stack([preprocess(image) for image in pil_images]), tokenizer(prompts)
         )
-    return (image_features @ text_features.T).diagonal()
+    return 100 * (image_features @ text_features.T).diagonal()
 
 
-def test_matches_hpsv2_cosine(hps, expected, images, pil_images, prompts):
+def test_matches_100_times_the_hpsv2_cosine(hps, expected, images, pil_images, prompts):
     hps.reset()
     hps.update(images[:2], prompts[:2])
     hps.update(pil_images[2:], prompts[2:])
-    torch.testing.assert_close(hps.scores(), expected, atol=1e-4, rtol=0)
-    torch.testing.assert_close(hps.compute(), expected.mean(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(hps.scores(), expected, atol=1e-2, rtol=0)
+    torch.testing.assert_close(hps.compute(), expected.mean(), atol=1e-2, rtol=0)
 
 
 def test_float_input_scores_like_uint8(hps, expected, images, prompts):
     hps.reset()
     hps.update(images.float() / 255, prompts)
-    torch.testing.assert_close(hps.scores(), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(hps.scores(), expected, atol=1e-2, rtol=0)
 
 
 def test_reward_model_is_frozen(hps):
@@ -71,7 +71,7 @@ def test_reward_model_is_frozen(hps):
 
 def test_offline_error_names_the_argument(open_clip):
     with pytest.raises(
-        OSError, match=r"could not fetch HPS checkpoint 'HPS_v2.1_compressed.pt'.*checkpoint_path="
+        OSError, match=r"could not fetch HPS checkpoint 'HPS_v2_compressed.pt'.*checkpoint_path="
     ):
         HPSv2()
 

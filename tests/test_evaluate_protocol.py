@@ -1,0 +1,288 @@
+"""``lightning-refdpo evaluate`` on the tiny model: symmetric comparisons, the paper's samplers,
+streaming with a resumable index, bounded memory and several processes."""
+
+import json
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from transformers import CLIPConfig, CLIPImageProcessor
+
+from lightning_refdpo.cli import main
+from lightning_refdpo.evaluation import results_table
+from lightning_refdpo.evaluation.generation import load_pipeline, sampler_config
+from lightning_refdpo.evaluation.report import summarize
+
+PROMPTS = ["a red cat", "a blue dog", "a green tree"]
+
+
+def untrained_checkpoint(
+    tiny_model, tiny_data, root: Path, *overrides: str, module: str = "lightning_refdpo.DiffusionDPOModule"
+) -> str:
+    """A checkpoint of ``lightning-refdpo fit`` before any step: the base model."""
+    cli = main(
+        [
+            "fit",
+            "--config=configs/tiny.yaml",
+            f"--model.class_path={module}",
+            f"--model.init_args.pretrained_model_name_or_path={tiny_model}",
+            f"--data.init_args.data_files={json.dumps(tiny_data)}",
+            f"--trainer.default_root_dir={root}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.max_steps=0",
+            "--trainer.limit_val_batches=0",
+            *overrides,
+        ]
+    )
+    cli.trainer.save_checkpoint(root / "untrained.ckpt")
+    return str(root / "untrained.ckpt")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model, tiny_data, tmp_path_factory) -> str:
+    return untrained_checkpoint(tiny_model, tiny_data, tmp_path_factory.mktemp("untrained"))
+
+
+@pytest.fixture(scope="module")
+def base_with_safety_checker(tiny_model, tmp_path_factory) -> str:
+    """The tiny base model saved as a pipeline with a safety checker that flags every image (black)."""
+    folder = tmp_path_factory.mktemp("base_with_checker")
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+    config = CLIPConfig(vision_config={**vision, "image_size": 32, "patch_size": 8}, projection_dim=16)
+    checker = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-2.0)  # cosine + 2 > 0: every image flagged
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipeline.register_modules(
+        safety_checker=checker, feature_extractor=CLIPImageProcessor(size=32, crop_size=32)
+    )
+    pipeline.register_to_config(requires_safety_checker=True)
+    pipeline.save_pretrained(folder)
+    return str(folder)
+
+
+def evaluate(model, output, *options, prompts=PROMPTS, root=None):
+    prompt_file = Path(output).parent / f"{Path(output).name}-prompts.txt"
+    prompt_file.write_text("\n".join(prompts))
+    return main(
+        [
+            "evaluate",
+            model,
+            "--scorers",
+            '[{"class_path": "tests.helpers.Brightness"}]',
+            f"--prompt_sets=[{prompt_file}]",
+            "--seeds=[0, 1]",
+            "--num_inference_steps=2",
+            "--resolution=32",
+            "--device=cpu",
+            "--num_bootstrap=200",
+            f"--output={output}",
+            *options,
+        ]
+    )
+
+
+def images_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+def test_untrained_checkpoint_against_its_base_folder_is_bit_identical(
+    checkpoint, base_with_safety_checker, tmp_path
+):
+    flagged = load_pipeline(base_with_safety_checker, "cpu")[0]
+    out = flagged(["a red cat"], num_inference_steps=2, height=32, width=32, output_type="np")
+    assert out.nsfw_content_detected == [True] and not out.images.any(), "its own checker blacks it out"
+
+    results = evaluate(
+        checkpoint, tmp_path / "eval", f"--baseline={base_with_safety_checker}", "--save_images=true"
+    )
+    runs = next((tmp_path / "eval" / "runs").iterdir())
+    model_images, baseline_images = images_of(runs / "model"), images_of(runs / "baseline")
+    assert len(model_images) == 6 and model_images == baseline_images
+    for entry in results["prompt_sets"].values():
+        assert all(figures["win_rate"] == 0.5 for figures in entry["scores"].values())
+        assert all(figures["win_rate_ci"] == [0.5, 0.5] for figures in entry["scores"].values())
+
+
+@pytest.mark.parametrize("safety_checker", [False, True], ids=["off", "on"])
+def test_the_safety_checker_is_off_on_both_sides_or_on_for_both(
+    checkpoint, base_with_safety_checker, tmp_path, safety_checker
+):
+    """The model pipeline has a checker that flags everything; the baseline (a checkpoint) has none."""
+    results = evaluate(
+        base_with_safety_checker,
+        tmp_path / "eval",
+        f"--baseline={checkpoint}",
+        f"--safety_checker={str(safety_checker).lower()}",
+        "--save_images=true",
+    )
+    runs = next((tmp_path / "eval" / "runs").iterdir())
+    assert images_of(runs / "model") == images_of(runs / "baseline")
+    brightness = next(iter(results["prompt_sets"].values()))["scores"]["Brightness"]
+    assert (brightness["model_mean"] == 0.0) == safety_checker and brightness["win_rate"] == 0.5
+
+
+def test_sdxl_checkpoint_against_its_base_folder_is_bit_identical(tiny_sdxl, tiny_data, tmp_path):
+    ckpt = untrained_checkpoint(
+        tiny_sdxl, tiny_data, tmp_path / "fit", module="lightning_refdpo.sdxl.StableDiffusionXLDPOModule"
+    )
+    results = evaluate(ckpt, tmp_path / "eval", f"--baseline={tiny_sdxl}", "--save_images=true")
+    runs = next((tmp_path / "eval" / "runs").iterdir())
+    assert len(images_of(runs / "model")) == 6 and images_of(runs / "model") == images_of(runs / "baseline")
+    assert next(iter(results["prompt_sets"].values()))["scores"]["Brightness"]["win_rate"] == 0.5
+    assert (
+        results["generation"]["guidance_scale"] == 5.0
+        and results["generation"]["scheduler"] == "DDPMScheduler"
+    )
+
+
+def test_hpdv2_is_reported_per_style(checkpoint, tmp_path, monkeypatch):
+    from lightning_refdpo import prompts
+
+    monkeypatch.setattr(prompts, "_hpdv2_prompts", lambda style: [f"{style} {i}" for i in range(3)])
+    results = main(
+        [
+            "evaluate",
+            checkpoint,
+            "--scorers",
+            '[{"class_path": "tests.helpers.Brightness"}]',
+            "--prompt_sets=[hpdv2]",
+            "--max_prompts=1",
+            "--seeds=[0]",
+            "--num_inference_steps=1",
+            "--resolution=32",
+            "--device=cpu",
+            "--num_bootstrap=10",
+            f"--output={tmp_path / 'eval'}",
+        ]
+    )
+    entry = results["prompt_sets"]["hpdv2"]
+    assert entry["num_prompts"] == 4 and list(entry["styles"]) == list(prompts.HPDV2_STYLES)
+    assert "| average |" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_evaluate_without_baseline_with_a_bfloat16_initial_model(tiny_model, tiny_data, tmp_path):
+    """The shipped full fine-tuning configs keep the frozen UNets in bfloat16."""
+    ckpt = untrained_checkpoint(
+        tiny_model, tiny_data, tmp_path / "fit", "--model.init_args.frozen_dtype=bfloat16"
+    )
+    results = evaluate(ckpt, tmp_path / "eval")
+    figures = next(iter(results["prompt_sets"].values()))["scores"]["Brightness"]
+    assert 0.0 <= figures["win_rate"] <= 1.0 and np.isfinite(figures["baseline_mean"])
+
+
+def test_each_family_gets_the_papers_sampler_and_results_record_it(
+    tiny_model, tiny_sdxl, checkpoint, tmp_path
+):
+    sd15 = sampler_config(load_pipeline(tiny_model, "cpu")[0])
+    assert (sd15.num_inference_steps, sd15.guidance_scale, sd15.scheduler) == (50, 7.5, "DDIMScheduler")
+    sdxl = sampler_config(load_pipeline(tiny_sdxl, "cpu")[0], guidance_scale=None)
+    assert (sdxl.num_inference_steps, sdxl.guidance_scale, sdxl.scheduler) == (50, 5.0, None)
+    assert sampler_config(load_pipeline(tiny_model, "cpu")[0], scheduler="default").scheduler is None
+
+    results = evaluate(checkpoint, tmp_path / "eval", "--guidance_scale=3.0")
+    generation = results["generation"]
+    assert generation["num_inference_steps"] == 2 and generation["guidance_scale"] == 3.0
+    assert generation["scheduler"] == "DDIMScheduler" and generation["dtype"] == "float32"
+    assert generation["safety_checker"] is False
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["generation"] == generation
+
+
+def test_an_interrupted_evaluation_resumes_where_it_stopped(checkpoint, tmp_path, monkeypatch):
+    from lightning_refdpo.evaluation import streaming
+
+    first = evaluate(checkpoint, tmp_path / "eval", "--batch_size=2")
+    index = next((tmp_path / "eval" / "runs").iterdir()) / "model" / "index-rank0.jsonl"
+    lines = index.read_text().splitlines()
+    index.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])  # killed while writing item 3
+    generated = []
+    original = streaming.generate
+    monkeypatch.setattr(
+        streaming, "generate", lambda p, items, c: generated.extend(items) or original(p, items, c)
+    )
+    again = evaluate(checkpoint, tmp_path / "eval", "--batch_size=2")
+    assert len(generated) == 3, "only the model's items 3, 4 and 5"
+    assert again["prompt_sets"] == first["prompt_sets"]
+    with pytest.raises(ValueError, match="holds an evaluation with other settings"):
+        evaluate(checkpoint, tmp_path / "eval", "--batch_size=2", "--guidance_scale=1.0")
+
+
+def test_hpdv2_styles_and_their_average_with_bootstrap_intervals():
+    rng = np.random.default_rng(0)
+    styles = [s for s in ("anime", "concept-art", "paintings", "photo") for _ in range(50)]
+    model = {"HPSv2.0": rng.normal(27, 1, 200)}
+    baseline = {"HPSv2.0": model["HPSv2.0"] - 0.5 + rng.normal(0, 0.1, 200)}
+    entry = summarize(model, baseline, styles, num_bootstrap=500)
+    figures = entry["scores"]["HPSv2.0"]
+    assert figures["model_ci"][0] < figures["model_mean"] < figures["model_ci"][1]
+    assert figures["win_rate"] > 0.9 and figures["win_rate_ci"][1] <= 1.0
+    assert list(entry["styles"]) == ["anime", "concept-art", "paintings", "photo"]
+    photo = entry["styles"]["photo"]["HPSv2.0"]["model_mean"]
+    assert photo == pytest.approx(model["HPSv2.0"][150:].mean())
+    means = [entry["styles"][s]["HPSv2.0"]["model_mean"] for s in entry["styles"]]
+    assert entry["style_average"]["HPSv2.0"]["model_mean"] == pytest.approx(np.mean(means))
+    results = {
+        "model": "m",
+        "baseline": "b",
+        "prompt_sets": {"hpdv2": {"num_prompts": 40, "num_images": 200, **entry}},
+    }
+    table = results_table(results)
+    assert "| average |" in table and f"{figures['model_mean']:.4g} [{figures['model_ci'][0]:.4g}" in table
+
+
+def peak_image_bytes(checkpoint: str, num_prompts: int, output: Path, monkeypatch) -> int:
+    """The most bytes of generated images alive at once while evaluating ``num_prompts`` prompts."""
+    from lightning_refdpo.evaluation import streaming
+
+    live, peak = [0], [0]
+    original = streaming.generate
+
+    def tracked(pipeline, items, config):
+        images = original(pipeline, items, config)
+        live[0] += images.nbytes
+        peak[0] = max(peak[0], live[0])
+        weakref.finalize(images, lambda n=images.nbytes: live.__setitem__(0, live[0] - n))
+        return images
+
+    monkeypatch.setattr(streaming, "generate", tracked)
+    prompts = [f"prompt {i}" for i in range(num_prompts)]
+    evaluate(checkpoint, output, "--seeds=[0]", "--num_inference_steps=1", "--batch_size=8", prompts=prompts)
+    return peak[0]
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_prompts(checkpoint, tmp_path, monkeypatch):
+    """Images are generated, scored and dropped a batch at a time: 256 prompts hold no more image
+    memory at once than 32 (two batches at most: the one scored and the one being generated)."""
+    small = peak_image_bytes(checkpoint, 32, tmp_path / "small", monkeypatch)
+    large = peak_image_bytes(checkpoint, 256, tmp_path / "large", monkeypatch)
+    assert 0 < large == small <= 2 * 8 * 3 * 32 * 32 * 4
+
+
+def test_two_processes_give_the_results_of_one(checkpoint, tmp_path):
+    from tests.test_distributed import launch
+
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(PROMPTS))
+    common = [
+        "evaluate",
+        checkpoint,
+        "--scorers",
+        '[{"class_path": "tests.helpers.Brightness"}]',
+        f"--prompt_sets=[{prompt_file}]",
+        "--seeds=[0, 1]",
+        "--num_inference_steps=2",
+        "--resolution=32",
+        "--device=cpu",
+        "--batch_size=2",
+        "--num_bootstrap=200",
+    ]
+    one = main([*common, f"--output={tmp_path / 'one'}"])
+    launch([*common, "--devices=2", f"--output={tmp_path / 'two'}"], 2, tmp_path)
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["prompt_sets"] == json.loads(json.dumps(one["prompt_sets"]))
+    shards = sorted(p.name for p in (tmp_path / "two" / "runs").rglob("index-rank*.jsonl"))
+    assert shards == ["index-rank0.jsonl", "index-rank0.jsonl", "index-rank1.jsonl", "index-rank1.jsonl"]
