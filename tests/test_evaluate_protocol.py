@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPConfig, CLIPImageProcessor
 
-from lightning_refdpo.cli import main
+from lightning_refdpo.cli import run_cli
 from lightning_refdpo.evaluation import results_table
 from lightning_refdpo.evaluation.generation import load_pipeline, sampler_config
 from lightning_refdpo.evaluation.report import summarize
@@ -24,7 +24,7 @@ def untrained_checkpoint(
     tiny_model, tiny_data, root: Path, *overrides: str, module: str = "lightning_refdpo.DiffusionDPOModule"
 ) -> str:
     """A checkpoint of ``lightning-refdpo fit`` before any step: the base model."""
-    cli = main(
+    cli = run_cli(
         [
             "fit",
             "--config=configs/tiny.yaml",
@@ -68,7 +68,7 @@ def base_with_safety_checker(tiny_model, tmp_path_factory) -> str:
 def evaluate(model, output, *options, prompts=PROMPTS, root=None):
     prompt_file = Path(output).parent / f"{Path(output).name}-prompts.txt"
     prompt_file.write_text("\n".join(prompts))
-    return main(
+    return run_cli(
         [
             "evaluate",
             model,
@@ -83,7 +83,7 @@ def evaluate(model, output, *options, prompts=PROMPTS, root=None):
             f"--output={output}",
             *options,
         ]
-    )
+    ).result
 
 
 def images_of(folder: Path) -> dict[str, bytes]:
@@ -144,7 +144,7 @@ def test_hpdv2_is_reported_per_style(checkpoint, tmp_path, monkeypatch):
     from lightning_refdpo import prompts
 
     monkeypatch.setattr(prompts, "_hpdv2_prompts", lambda style: [f"{style} {i}" for i in range(3)])
-    results = main(
+    results = run_cli(
         [
             "evaluate",
             checkpoint,
@@ -159,7 +159,7 @@ def test_hpdv2_is_reported_per_style(checkpoint, tmp_path, monkeypatch):
             "--num_bootstrap=10",
             f"--output={tmp_path / 'eval'}",
         ]
-    )
+    ).result
     entry = results["prompt_sets"]["hpdv2"]
     assert entry["num_prompts"] == 4 and list(entry["styles"]) == list(prompts.HPDV2_STYLES)
     assert "| average |" in (tmp_path / "eval" / "results.md").read_text()
@@ -280,7 +280,7 @@ def test_two_processes_give_the_results_of_one(checkpoint, tmp_path):
         "--batch_size=2",
         "--num_bootstrap=200",
     ]
-    one = main([*common, f"--output={tmp_path / 'one'}"])
+    one = run_cli([*common, f"--output={tmp_path / 'one'}"]).result
     launch([*common, "--devices=2", f"--output={tmp_path / 'two'}"], 2, tmp_path)
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["prompt_sets"] == json.loads(json.dumps(one["prompt_sets"]))
