@@ -8,6 +8,7 @@ paired scores for the win rate (the share of items where the model scores higher
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,11 @@ def with_scheduler(pipeline, name: str):
 
 
 @torch.no_grad()
-def generate(pipeline, items: Sequence[tuple[str, int]], config: GenerationConfig) -> torch.Tensor:
-    """Images ``(N, 3, H, W)`` in ``[0, 1]``, one per (prompt, seed) item, each from its own generator."""
+def generate(
+    pipeline, items: Sequence[tuple[str, int]], config: GenerationConfig, output_type: str = "pt"
+) -> torch.Tensor:
+    """Images ``(N, 3, H, W)`` in ``[0, 1]``, one per (prompt, seed) item, each from its own generator;
+    ``output_type="latent"``: the sampler's final latents instead (scaled, before the VAE decoder)."""
     pipeline = with_scheduler(pipeline, config.scheduler)
     pipeline.set_progress_bar_config(disable=True)
     size = {"height": config.resolution, "width": config.resolution} if config.resolution else {}
@@ -58,7 +62,7 @@ def generate(pipeline, items: Sequence[tuple[str, int]], config: GenerationConfi
             generator=generators,
             num_inference_steps=config.num_inference_steps,
             guidance_scale=config.guidance_scale,
-            output_type="pt",
+            output_type=output_type,
             **size,
         )
         images.append(out.images.float().cpu())
@@ -95,18 +99,18 @@ def compare(
 def image_grid(
     images: torch.Tensor | Sequence[Image.Image], captions: Sequence[str], columns: int = 4
 ) -> Image.Image:
-    """A grid of images with each caption written under its image."""
+    """A grid of images with each caption written under its image, wrapped between words."""
     pil = to_pil_images(images) if isinstance(images, torch.Tensor) else list(images)
     width, height = pil[0].size
-    caption_height = 12 * 2 + 4
+    chars_per_line = max(4, width // 6)
+    wrapped = [textwrap.wrap(caption, chars_per_line, break_long_words=False) for caption in captions]
+    caption_height = 12 * max(1, *map(len, wrapped)) + 4
     rows = -(-len(pil) // columns)
     grid = Image.new("RGB", (columns * width, rows * (height + caption_height)), "white")
     draw = ImageDraw.Draw(grid)
-    chars_per_line = max(4, width // 6)
-    for i, (image, caption) in enumerate(zip(pil, captions, strict=True)):
+    for i, (image, lines) in enumerate(zip(pil, wrapped, strict=True)):
         x, y = (i % columns) * width, (i // columns) * (height + caption_height)
         grid.paste(image, (x, y))
-        lines = [caption[k : k + chars_per_line] for k in range(0, len(caption), chars_per_line)][:2]
         draw.text((x + 2, y + height + 2), "\n".join(lines), fill="black")
     return grid
 

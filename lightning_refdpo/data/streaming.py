@@ -35,7 +35,7 @@ class StreamingPreferencePairs(torch.utils.data.IterableDataset):
         shuffle_buffer_size: int = 1000,
     ) -> None:
         if dataset.features is not None:
-            check_schema(dataset, split)
+            check_schema(dataset, split, pairs.latent_columns or ())
         dataset = dataset.filter(lambda label: label != TIE, input_columns="label_0")
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
         self.dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
