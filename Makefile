@@ -24,7 +24,7 @@ tiny-assets: install
 	test -f .tiny/model/model_index.json || $(PYTHON) -m lightning_refdpo.tiny .tiny
 
 demo: install
-	$(PYTHON) -m lightning_refdpo.toy_demo --config configs/demo.yaml --output outputs/demo
+	$(PYTHON) -m lightning_refdpo.toy.demo --config configs/demo.yaml --output outputs/demo
 
 tiny-demo: tiny-assets
 	$(BIN)/lightning-refdpo fit --config configs/tiny.yaml

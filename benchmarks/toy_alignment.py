@@ -142,9 +142,18 @@ def run_one(job: dict) -> dict:
     config["trainer"]["default_root_dir"] = str(folder)
     config["trainer"]["max_steps"] = job["steps"]
     config["trainer"].update({"enable_progress_bar": False, "enable_checkpointing": False, "logger": False})
+    if job.get("log_every_step"):  # a CSV log of every step, for the figures of toy_mechanisms.py
+        config["trainer"]["logger"] = {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(folder), "name": "log", "version": 0},
+        }
+        config["trainer"]["log_every_n_steps"] = 1
+    config["trainer"]["callbacks"] += job.get("callbacks", [])
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     start = time.perf_counter()
     module = fit(folder / "config.yaml")
+    if job.get("validate_after"):  # the callbacks' validation-time analysis of the trained policy
+        module.trainer.validate(module, datamodule=module.trainer.datamodule, verbose=False)
     train_seconds = time.perf_counter() - start
     update = next((c for c in module.trainer.callbacks if type(c).__name__ == "ReferenceModelUpdate"), None)
     prompts = VALIDATION_PROMPTS if job["split"] == "validation" else TEST_PROMPTS
@@ -166,6 +175,7 @@ def run_one(job: dict) -> dict:
         },
         "train_seconds": train_seconds,
         "seconds": time.perf_counter() - start,
+        "log_dir": module.trainer.log_dir if job.get("log_every_step") else None,
     }
     Path(job["record"]).write_text(json.dumps(record))
     return record
@@ -377,7 +387,7 @@ def write_readme_table(text: str, readme: Path, name: str) -> None:
 def jobs_for(name: str, configs: list[dict], seeds: list[int], split: str, common: dict, args) -> list[dict]:
     jobs = []
     for hparams, seed in itertools.product(configs, seeds):
-        key = run_key(name, hparams, seed, split, args.max_steps, args.eval_seeds)
+        key = run_key(name, hparams, seed, split, common["steps"], args.eval_seeds)
         jobs.append(
             {
                 **common,
