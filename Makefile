@@ -17,14 +17,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m pip install -q -e ".[dev]"
 	touch $@
 
+# One thread per process: several tests launch training subprocesses and DDP ranks, which would
+# otherwise oversubscribe a small CI machine (the suite then takes three times as long).
 test: install
-	$(PYTHON) -m pytest -q
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q
 
 tiny-assets: install
 	test -f .tiny/model/model_index.json || $(PYTHON) -m lightning_refdpo.tiny .tiny
 
 demo: install
-	$(PYTHON) -m lightning_refdpo.toy_demo --config configs/demo.yaml --output outputs/demo
+	$(PYTHON) -m lightning_refdpo.toy.demo --config configs/demo.yaml --output outputs/demo
 
 tiny-demo: tiny-assets
 	$(BIN)/lightning-refdpo fit --config configs/tiny.yaml

@@ -287,11 +287,16 @@ class DiffusionDPOModule(LightningModule):
         self, batch: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Winner latents, loser latents and the prompt conditioning of a preference batch, from
-        pixels and captions or from a latent cache (``latents_mean_w``, ..., ``encoder_hidden_states``)."""
+        pixels and captions, from latents shipped with the pairs (``latents_w``, ``latents_l``: exact,
+        no posterior draw) or from a latent cache (``latents_mean_w``, ..., ``encoder_hidden_states``)."""
         if "latents_mean_w" in batch:
             mean = torch.cat([batch["latents_mean_w"], batch["latents_mean_l"]])
             std = torch.cat([batch["latents_std_w"], batch["latents_std_l"]])
             cond = {"encoder_hidden_states": batch["encoder_hidden_states"]}
+        elif "latents_w" in batch:
+            mean = torch.cat([batch["latents_w"], batch["latents_l"]]).to(self.device)
+            std = torch.zeros_like(mean)
+            cond = self.encode_prompts(batch["caption"])
         else:
             pixels = batch["pixel_values"]
             mean, std = self.latent_distribution(torch.cat([pixels[:, :3], pixels[:, 3:]]))

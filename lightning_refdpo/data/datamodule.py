@@ -56,6 +56,9 @@ class PreferenceDataModule(LightningDataModule):
         num_workers, pin_memory: ``DataLoader`` options.
         latent_cache: a folder written by ``lightning-refdpo cache``: train from cached VAE
             posteriors and text embeddings instead of images (see ``data/latent_cache.py``).
+        latent_columns: the two columns of a preference set that ships each image's VAE latent
+            (e.g. ``[latents_0, latents_1]``, unscaled, as the generator produced them): train and
+            validate on those exact latents instead of encoding the images (no crop or flip).
         seed: seed of the shuffle and of every pair's draws (``data/draws.py``); ``None`` takes the
             seed of ``seed_everything``, as Lightning's own distributed sampler does.
         streaming: stream the train split (``load_dataset(..., streaming=True)``, each rank its
@@ -89,6 +92,7 @@ class PreferenceDataModule(LightningDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
         latent_cache: str | None = None,
+        latent_columns: tuple[str, str] | None = None,
         seed: int | None = None,
         streaming: bool = False,
         shuffle_buffer_size: int = 1000,
@@ -103,6 +107,16 @@ class PreferenceDataModule(LightningDataModule):
         for name, value in (("train_batch_size", train_batch_size), ("val_batch_size", val_batch_size)):
             if value < 1:
                 raise ValueError(f"data.{name} must be >= 1; got {value}")
+        if latent_columns is not None:
+            if len(latent_columns) != 2:
+                raise ValueError(
+                    f"data.latent_columns names the latents of image 0 and image 1 (two columns); got {latent_columns}"
+                )
+            if random_crop or random_flip:
+                raise ValueError(
+                    "data.latent_columns trains on the shipped latents, which cannot be cropped or flipped: "
+                    "set data.random_crop and data.random_flip to false"
+                )
         self.save_hyperparameters(ignore=["timestep_sampler"])
         self.timestep_sampler = timestep_sampler or UniformTimestepSampler(1000)
         self.train_batch_size = train_batch_size
@@ -123,12 +137,16 @@ class PreferenceDataModule(LightningDataModule):
         """The preference pairs of ``split``: schema checked, ties dropped, and with ``limit`` the
         first ``limit`` pairs of a shuffle with :attr:`seed`."""
         dataset = self.load_split(split)
-        check_schema(dataset, split)
+        check_schema(dataset, split, self.hparams.latent_columns or ())
         check_labels(dataset, split)
         dataset = drop_ties(dataset, split)
         if limit is not None:
             dataset = dataset.shuffle(seed=self.seed).select(range(min(limit, len(dataset))))
-        return PreferencePairs(dataset, transform, draws)
+        return PreferencePairs(dataset, transform, draws, self.latent_columns)
+
+    @property
+    def latent_columns(self) -> tuple[str, str] | None:
+        return tuple(self.hparams.latent_columns) if self.hparams.latent_columns else None
 
     def stream_pairs(
         self, split: str, limit: int | None, transform: PairTransform, draws: PairDraws
@@ -137,7 +155,7 @@ class PreferenceDataModule(LightningDataModule):
         trainer = self.trainer
         return StreamingPreferencePairs(
             self.load_split(split, streaming=True),
-            PreferencePairs(None, transform, draws),
+            PreferencePairs(None, transform, draws, self.latent_columns),
             split,
             self.seed,
             limit=limit,

@@ -2,6 +2,10 @@
 
 Schema: ``caption`` (str), ``jpg_0`` and ``jpg_1`` (encoded image bytes, an ``Image`` feature or a
 file path) and ``label_0`` (1.0: image 0 preferred, 0.0: image 1 preferred, 0.5: tie, dropped).
+A set made by a generator can also ship each image's VAE latent (two more columns, e.g.
+``latents_0`` and ``latents_1``: the unscaled ``latent_dist.mean`` or the sampler's final latent
+divided by the VAE's ``scaling_factor``); with ``latent_columns`` the pairs carry those latents
+instead of pixels and training skips the VAE round trip.
 """
 
 from __future__ import annotations
@@ -21,10 +25,16 @@ REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 TIE = 0.5
 
 
-def check_schema(dataset: Any, split: str) -> None:
-    """Refuse a split that lacks a Pick-a-Pic v2 column, naming it and what was found."""
+def check_schema(dataset: Any, split: str, extra_columns: Sequence[str] = ()) -> None:
+    """Refuse a split that lacks a Pick-a-Pic v2 column (or one of ``extra_columns``, e.g. the
+    latent columns asked for), naming it and what was found."""
     columns = dataset.column_names
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if any(c not in columns for c in extra_columns):
+        raise ValueError(
+            f"preference split {split!r} lacks column(s) {', '.join(c for c in extra_columns if c not in columns)} "
+            f"named by data.latent_columns; found {', '.join(columns)}. Drop data.latent_columns to encode the images."
+        )
     if missing:
         raise ValueError(
             f"preference split {split!r} lacks column(s) {', '.join(missing)}; found {', '.join(columns)}. "
@@ -145,13 +155,22 @@ class PreferencePairs(torch.utils.data.Dataset):
 
     An image that cannot be decoded makes the pair ``None``; the collator drops and counts it.
     With ``draws`` (training), crop, flip, caption dropout, ``t`` and the noise seed come from the
-    pair's own generator (:class:`~lightning_refdpo.data.draws.PairDraws`).
+    pair's own generator (:class:`~lightning_refdpo.data.draws.PairDraws`). With ``latent_columns``
+    (the columns of image 0's and image 1's latents) a pair is ``{"caption", "latents_w",
+    "latents_l"}`` and no image is decoded.
     """
 
-    def __init__(self, dataset: Any, transform: PairTransform, draws: PairDraws | None = None) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        transform: PairTransform,
+        draws: PairDraws | None = None,
+        latent_columns: tuple[str, str] | None = None,
+    ) -> None:
         self.dataset = dataset
         self.transform = transform
         self.draws = draws
+        self.latent_columns = latent_columns
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -165,14 +184,19 @@ class PreferencePairs(torch.utils.data.Dataset):
 
     def pair(self, row: dict[str, Any], index: int) -> dict[str, Any] | None:
         """The pair of ``row``, drawing as pair ``index`` of the epoch; ``None`` if undecodable."""
-        try:
-            image_0, image_1 = decode_image(row["jpg_0"]), decode_image(row["jpg_1"])
-        except Exception:  # noqa: BLE001 - any undecodable image is skipped and counted, never fatal
-            return None
-        winner, loser = (image_0, image_1) if row["label_0"] > TIE else (image_1, image_0)
         caption = row["caption"] if isinstance(row["caption"], str) else ""
         generator = self.draws.generator(index) if self.draws is not None else None
-        pair = {"caption": caption, **self.transform(winner, loser, generator)}
+        first = row["label_0"] > TIE
+        if self.latent_columns:
+            latents = [torch.as_tensor(np.asarray(row[c], dtype=np.float32)) for c in self.latent_columns]
+            pair = {"caption": caption, "latents_w": latents[1 - first], "latents_l": latents[first]}
+        else:
+            try:
+                image_0, image_1 = decode_image(row["jpg_0"]), decode_image(row["jpg_1"])
+            except Exception:  # noqa: BLE001 - any undecodable image is skipped and counted, never fatal
+                return None
+            winner, loser = (image_0, image_1) if first else (image_1, image_0)
+            pair = {"caption": caption, **self.transform(winner, loser, generator)}
         return pair if self.draws is None else {**pair, **self.draws(generator)}
 
 
@@ -187,8 +211,9 @@ def stack_draws(pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class PreferenceCollator:
-    """Stacks pairs, drops undecodable ones (``num_skipped``), empties the captions drawn for
-    dropout and stacks the pairs' drawn timesteps and noise seeds (training pairs only)."""
+    """Stacks pairs (pixels, or shipped latents), drops undecodable ones (``num_skipped``), empties
+    the captions drawn for dropout and stacks the pairs' drawn timesteps and noise seeds (training
+    pairs only)."""
 
     def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         pairs = [s for s in samples if s is not None]
@@ -196,6 +221,7 @@ class PreferenceCollator:
         if not pairs:
             return {**batch, "caption": [], "pixel_values": torch.empty(0)}
         batch["caption"] = ["" if p.get("drop_caption") else p["caption"] for p in pairs]
-        for key in ("pixel_values", "original_size", "crop_top_left"):
-            batch[key] = torch.stack([p[key] for p in pairs])
+        for key in ("pixel_values", "original_size", "crop_top_left", "latents_w", "latents_l"):
+            if key in pairs[0]:
+                batch[key] = torch.stack([p[key] for p in pairs])
         return {**batch, **stack_draws(pairs)}

@@ -36,7 +36,7 @@ class StreamingPreferencePairs(torch.utils.data.IterableDataset):
         limit: int | None = None,
     ) -> None:
         if dataset.features is not None:
-            check_schema(dataset, split)
+            check_schema(dataset, split, pairs.latent_columns or ())
         dataset = dataset.filter(lambda label: label != TIE, input_columns="label_0")
         if limit is not None:
             dataset = dataset.take(limit)

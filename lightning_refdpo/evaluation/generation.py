@@ -69,8 +69,11 @@ def with_scheduler(pipeline, name: str | None):
 
 
 @torch.no_grad()
-def generate(pipeline, items: Sequence[tuple[str, int]], config: GenerationConfig) -> torch.Tensor:
-    """Images ``(N, 3, H, W)`` in ``[0, 1]``, one per (prompt, seed) item, each from its own generator."""
+def generate(
+    pipeline, items: Sequence[tuple[str, int]], config: GenerationConfig, output_type: str = "pt"
+) -> torch.Tensor:
+    """Images ``(N, 3, H, W)`` in ``[0, 1]``, one per (prompt, seed) item, each from its own generator;
+    ``output_type="latent"``: the sampler's final latents instead (scaled, before the VAE decoder)."""
     pipeline = with_scheduler(pipeline, config.scheduler)
     pipeline.set_progress_bar_config(disable=True)
     size = {"height": config.resolution, "width": config.resolution} if config.resolution else {}
@@ -83,7 +86,7 @@ def generate(pipeline, items: Sequence[tuple[str, int]], config: GenerationConfi
             generator=generators,
             num_inference_steps=config.num_inference_steps,
             guidance_scale=config.guidance_scale,
-            output_type="pt",
+            output_type=output_type,
             **size,
         )
         images.append(out.images.float().cpu())

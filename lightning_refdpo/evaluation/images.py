@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,18 +16,18 @@ from lightning_refdpo.metrics import to_pil_images
 def image_grid(
     images: torch.Tensor | Sequence[Image.Image], captions: Sequence[str], columns: int = 4
 ) -> Image.Image:
-    """A grid of images with each caption written under its image."""
+    """A grid of images with each caption written under its image, wrapped between words."""
     pil = to_pil_images(images) if isinstance(images, torch.Tensor) else list(images)
     width, height = pil[0].size
-    caption_height = 12 * 2 + 4
+    chars_per_line = max(4, width // 6)
+    wrapped = [textwrap.wrap(caption, chars_per_line, break_long_words=False) for caption in captions]
+    caption_height = 12 * max(1, *map(len, wrapped)) + 4
     rows = -(-len(pil) // columns)
     grid = Image.new("RGB", (columns * width, rows * (height + caption_height)), "white")
     draw = ImageDraw.Draw(grid)
-    chars_per_line = max(4, width // 6)
-    for i, (image, caption) in enumerate(zip(pil, captions, strict=True)):
+    for i, (image, lines) in enumerate(zip(pil, wrapped, strict=True)):
         x, y = (i % columns) * width, (i // columns) * (height + caption_height)
         grid.paste(image, (x, y))
-        lines = [caption[k : k + chars_per_line] for k in range(0, len(caption), chars_per_line)][:2]
         draw.text((x + 2, y + height + 2), "\n".join(lines), fill="black")
     return grid
 

@@ -1,4 +1,4 @@
-"""A programmatic preference reward for the toy world of :mod:`lightning_refdpo.data.toy`."""
+"""A programmatic preference reward for the toy world of :mod:`lightning_refdpo.toy.world`."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from lightning_refdpo.data.toy import BACKGROUNDS, COLOURS, POSITIONS, parse_caption
 from lightning_refdpo.metrics.base import RewardScore
+from lightning_refdpo.toy.world import BACKGROUNDS, COLOURS, POSITIONS, parse_caption
 
 # A triangle fills 1/2 of its box, but its apex pixels are only partly covered, which shortens the
 # soft height: rendered triangles measure 0.53-0.60.
 FILL_RATIO = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.56}
-WEIGHTS = {"background": 0.1, "colour": 0.25, "shape": 0.25, "position": 0.2, "clean": 0.2}
+WEIGHTS = {"background": 0.1, "colour": 0.3, "shape": 0.3, "position": 0.15, "clean": 0.15}
 FOREGROUND_DISTANCE = 0.15
 
 
@@ -73,8 +73,9 @@ class ToyReward(RewardScore):
     * ``clean = mean_i ramp(e_i, 0.05, 0.25)`` with ``e_i = min(d(x_i, b^), d(x_i, c^))`` on ``O`` and
       ``e_i = d(x_i, b^)`` elsewhere: stray marks, noise and blur lower it.
 
-    ``score = 0.1 background + presence (0.25 colour + 0.25 shape + 0.2 position + 0.2 clean)``.
-    Prompts must name all four attributes (see :func:`~lightning_refdpo.data.toy.parse_caption`).
+    ``score = 0.1 background + presence (0.3 colour + 0.3 shape + 0.15 position + 0.15 clean)``: colour and
+    shape weigh most, the attributes the shipped base model follows only partly.
+    Prompts must name all four attributes (see :func:`~lightning_refdpo.toy.world.parse_caption`).
     """
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

@@ -4,13 +4,15 @@ A scene is one shape (circle, square, triangle) of one colour at one of five pos
 background, rendered at 32x32 px, with a caption that states all four attributes, e.g.
 ``"a red circle on the left, white background"``. The size (10-14 px) and a +-1.5 px offset are drawn
 at random but left out of the caption. The 3 x 5 x 5 x 3 = 225 attribute combinations are split
-once: every fifth combination (in a fixed shuffled order) is held out for evaluation
-(``EVAL_PROMPTS``), the other 180 are for training (``TRAIN_PROMPTS``); every single attribute
-value occurs in both.
+once, in a fixed shuffled order: every fifth combination is a test prompt (``TEST_PROMPTS``, 45,
+where results are reported), every sixth of the rest a validation prompt (``VALIDATION_PROMPTS``, 30,
+where guidance and hyperparameters are chosen), and the other 150 are for pretraining and preference
+data (``TRAIN_PROMPTS``). Every single attribute value occurs in each split.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from dataclasses import dataclass
@@ -35,6 +37,12 @@ POSITIONS = {
     "top": ((0.5, 0.28), "at the top"),
     "bottom": ((0.5, 0.72), "at the bottom"),
     "centre": ((0.5, 0.5), "in the centre"),
+}
+ATTRIBUTES = {
+    "shape": SHAPES,
+    "colour": tuple(COLOURS),
+    "position": tuple(POSITIONS),
+    "background": tuple(BACKGROUNDS),
 }
 SIZE_RANGE = (10.0, 14.0)
 MAX_OFFSET = 1.5
@@ -139,13 +147,34 @@ def all_prompts() -> list[Prompt]:
     return [Prompt(*values) for values in itertools.product(SHAPES, COLOURS, POSITIONS, BACKGROUNDS)]
 
 
-def _split(seed: int = 0, every: int = 5) -> tuple[list[str], list[str]]:
+def perturb(prompt: Prompt, rng: np.random.Generator, noise: dict[str, float]) -> Prompt:
+    """``prompt`` with each attribute ``a`` replaced, with probability ``noise[a]``, by another value
+    drawn uniformly (caption noise: pretraining on such captions gives a model that follows attribute
+    ``a`` only partly)."""
+    changed = {}
+    for attribute, p in noise.items():
+        if attribute not in ATTRIBUTES:
+            raise ValueError(f"caption noise names {attribute!r}; choose from {sorted(ATTRIBUTES)}")
+        if rng.random() < p:
+            others = [v for v in ATTRIBUTES[attribute] if v != getattr(prompt, attribute)]
+            changed[attribute] = str(rng.choice(others))
+    return dataclasses.replace(prompt, **changed)
+
+
+def _split(
+    seed: int = 0, test_every: int = 5, validation_every: int = 6
+) -> tuple[list[str], list[str], list[str]]:
     prompts = all_prompts()
-    order = np.random.default_rng(seed).permutation(len(prompts))
-    held_out = set(order[::every].tolist())
-    train = [caption(p) for i, p in enumerate(prompts) if i not in held_out]
-    evaluation = [caption(p) for i, p in enumerate(prompts) if i in held_out]
-    return train, evaluation
+    order = np.random.default_rng(seed).permutation(len(prompts)).tolist()
+    test = set(order[::test_every])
+    rest = [i for i in order if i not in test]
+    validation = set(rest[::validation_every])
+
+    def captions(indices) -> list[str]:
+        return [caption(p) for i, p in enumerate(prompts) if i in indices]
+
+    train = set(range(len(prompts))) - test - validation
+    return captions(train), captions(validation), captions(test)
 
 
-TRAIN_PROMPTS, EVAL_PROMPTS = _split()
+TRAIN_PROMPTS, VALIDATION_PROMPTS, TEST_PROMPTS = _split()

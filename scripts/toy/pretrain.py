@@ -1,23 +1,31 @@
 """Pretrain the toy text-to-image model of ``assets/toy/model`` on renders of the training prompts.
 
-    python benchmarks/toy/pretrain.py --output assets/toy/model
+    python scripts/toy/pretrain.py --output outputs/toy_pretrain \
+        --vae-from assets/toy/model --caption-noise position=0.5 colour=0.3
 
 The pipeline is built by :func:`lightning_refdpo.tiny.save_tiny_stable_diffusion` (SD1.5 layout:
 byte-level CLIP tokenizer, CLIP text encoder, UNet, a VAE with 32 px images -> 4 x 8 x 8 latents,
-the SD1.5 DDPM noise schedule), then trained in two stages on 32 px renders of
-``lightning_refdpo.data.toy.TRAIN_PROMPTS`` (the held-out ``EVAL_PROMPTS`` are never seen):
+the SD1.5 noise schedule), then trained in two stages on 32 px renders of
+``lightning_refdpo.toy.world.TRAIN_PROMPTS`` (validation and test prompts are never seen):
 
 1. the VAE as an autoencoder: ``||D(z) - x||^2 + kl_weight * KL(q(z|x) || N(0, I)) / (3 H W)``
    with ``z ~ q(z|x)``; then ``scaling_factor = 1 / std(z)`` so that the scaled latents have unit
-   variance, as in Stable Diffusion;
-2. the UNet and the text encoder together, VAE frozen, on the epsilon-prediction objective of the
-   diffusers text-to-image script ``||eps - eps_theta(sqrt(abar_t) z + sqrt(1 - abar_t) eps, t, c)||^2``
-   with ``t ~ U{0..999}`` and the caption replaced by ``""`` with probability ``caption_dropout``
-   (what classifier-free guidance needs).
+   variance, as in Stable Diffusion. ``--vae-from MODEL`` takes the VAE of an existing toy pipeline
+   instead and skips this stage;
+2. the UNet and the text encoder together, VAE frozen, on the objective of the diffusers
+   text-to-image script ``||y - f_theta(sqrt(abar_t) z + sqrt(1 - abar_t) eps, t, c)||^2`` with
+   ``t ~ U{0..999}``, the target ``y = eps`` (``--prediction-type epsilon``) or the velocity
+   ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) z`` (``v_prediction``, the default: at 8 x 8 latents
+   epsilon-prediction barely learns layout, see ``benchmarks/README.md``), the caption replaced by
+   ``""`` with probability ``caption_dropout`` (what classifier-free guidance needs) and, with
+   ``--caption-noise ATTRIBUTE=P``, attribute ``ATTRIBUTE`` of the caption replaced by another value
+   with probability ``P`` (the image keeps its own): the model then follows that attribute only
+   partly, like a real base model follows prompts imperfectly.
 
 Both stages use AdamW with linear warm-up then cosine decay, gradients clipped to norm 1. The
-script is seeded and runs on one CPU thread (about 20 minutes); at the end it prints the mean
-ToyReward of DDIM samples on the held-out prompts next to those of renders and of noise.
+script is seeded and runs on ``--threads`` CPU threads. ``--save-every N`` also saves the pipeline
+every N denoiser steps to ``OUTPUT/checkpoints/step-N`` (the weaker generators of the preference
+set). ``scripts/toy/measure_base.py`` then measures every checkpoint attribute by attribute.
 """
 
 from __future__ import annotations
@@ -25,19 +33,17 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-from lightning_refdpo.data.toy import EVAL_PROMPTS, TRAIN_PROMPTS, parse_caption, render, sample_scene
-from lightning_refdpo.evaluation import GenerationConfig, generate, load_pipeline
 from lightning_refdpo.metrics.base import to_float_images
-from lightning_refdpo.metrics.toy_reward import ToyReward
 from lightning_refdpo.tiny import save_tiny_stable_diffusion
+from lightning_refdpo.toy.world import TRAIN_PROMPTS, caption, parse_caption, perturb, render, sample_scene
 
 ARCHITECTURE = {
     "block_out_channels": (32, 64),
@@ -64,9 +70,15 @@ def schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch
 
 
 def fit(
-    parameters: list[torch.nn.Parameter], losses: Iterator[torch.Tensor], steps: int, lr: float, name: str
+    parameters: list[torch.nn.Parameter],
+    losses: Iterator[torch.Tensor],
+    steps: int,
+    lr: float,
+    name: str,
+    on_step: Callable[[int], None] = lambda step: None,
 ) -> None:
-    """Minimise ``steps`` losses from ``losses`` with AdamW, printing progress every 10%."""
+    """Minimise ``steps`` losses from ``losses`` with AdamW, printing progress every 10%;
+    ``on_step(n)`` runs after optimizer step ``n`` (1-based)."""
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     scheduler = schedule(optimizer, steps, warmup=max(1, steps // 20))
     start, running = time.perf_counter(), []
@@ -77,6 +89,7 @@ def fit(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        on_step(step + 1)
         running.append(loss.item())
         if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
             print(
@@ -110,13 +123,23 @@ def encode_pool(vae, rng: np.random.Generator, size: int, batch_size: int = 256)
 
 
 def denoiser_losses(
-    pipeline, pool: dict, rng: np.random.Generator, batch_size: int, caption_dropout: float
+    pipeline,
+    pool: dict,
+    rng: np.random.Generator,
+    batch_size: int,
+    caption_dropout: float,
+    caption_noise: dict[str, float],
 ) -> Iterator[torch.Tensor]:
     scheduler, scaling = pipeline.scheduler, pipeline.vae.config.scaling_factor
     while True:
         index = torch.from_numpy(rng.integers(len(pool["caption"]), size=batch_size))
         latents = (pool["mean"][index] + pool["std"][index] * torch.randn_like(pool["std"][index])) * scaling
-        captions = ["" if rng.random() < caption_dropout else pool["caption"][i] for i in index.tolist()]
+        captions = [
+            ""
+            if rng.random() < caption_dropout
+            else caption(perturb(parse_caption(pool["caption"][i]), rng, caption_noise))
+            for i in index.tolist()
+        ]
         ids = pipeline.tokenizer(
             captions,
             padding="max_length",
@@ -128,13 +151,11 @@ def denoiser_losses(
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction = pipeline.unet(noisy, timesteps, pipeline.text_encoder(ids)[0]).sample
-        yield F.mse_loss(prediction, noise)
-
-
-def mean_reward(images, prompts: list[str]) -> float:
-    reward = ToyReward()
-    reward.update(images, prompts)
-    return reward.compute().item()
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        yield F.mse_loss(prediction, target)
 
 
 def main() -> None:
@@ -153,60 +174,61 @@ def main() -> None:
     parser.add_argument("--unet-batch-size", type=int, default=64)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--caption-dropout", type=float, default=0.1)
-    parser.add_argument("--eval-seeds", type=int, default=4, help="samples per held-out prompt")
-    parser.add_argument("--num-inference-steps", type=int, default=25)
-    parser.add_argument("--guidance-scale", type=float, default=6.0)
+    parser.add_argument(
+        "--caption-noise",
+        nargs="*",
+        default=[],
+        metavar="ATTRIBUTE=P",
+        help="replace ATTRIBUTE (shape, colour, position, background) in a caption with probability P",
+    )
+    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="v_prediction")
+    parser.add_argument("--vae-from", type=Path, default=None, help="take the VAE of this toy pipeline")
+    parser.add_argument("--save-every", type=int, default=0, help="save the pipeline every N denoiser steps")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
-    save_tiny_stable_diffusion(args.output, seed=args.seed, **ARCHITECTURE)
-    pipeline = StableDiffusionPipeline.from_pretrained(args.output, local_files_only=True)
-    vae, unet, text_encoder = pipeline.vae, pipeline.unet, pipeline.text_encoder
-
-    vae.train()
-    fit(
-        list(vae.parameters()),
-        vae_losses(vae, rng, args.vae_batch_size, args.kl_weight),
-        args.vae_steps,
-        args.vae_lr,
-        "vae",
+    caption_noise = {k: float(v) for k, v in (item.split("=", 1) for item in args.caption_noise)}
+    save_tiny_stable_diffusion(
+        args.output, seed=args.seed, prediction_type=args.prediction_type, **ARCHITECTURE
     )
-    vae.eval().requires_grad_(False)
+    pipeline = StableDiffusionPipeline.from_pretrained(args.output, local_files_only=True)
+    unet, text_encoder = pipeline.unet, pipeline.text_encoder
+
+    if args.vae_from is None:
+        vae = pipeline.vae.train()
+        fit(
+            list(vae.parameters()),
+            vae_losses(vae, rng, args.vae_batch_size, args.kl_weight),
+            args.vae_steps,
+            args.vae_lr,
+            "vae",
+        )
+    else:
+        pipeline.register_modules(
+            vae=AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", local_files_only=True)
+        )
+    vae = pipeline.vae.eval().requires_grad_(False)
     pool = encode_pool(vae, rng, args.pool_size)
-    vae.register_to_config(scaling_factor=1.0 / pool["mean"].std().item())
+    if args.vae_from is None:
+        vae.register_to_config(scaling_factor=1.0 / pool["mean"].std().item())
     print(f"vae scaling_factor {vae.config.scaling_factor:.4f}, latent pool of {args.pool_size}", flush=True)
+
+    def save(step: int) -> None:
+        if args.save_every and step % args.save_every == 0 and step < args.unet_steps:
+            pipeline.save_pretrained(args.output / "checkpoints" / f"step-{step}")
 
     unet.train()
     text_encoder.train()
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
-    losses = denoiser_losses(pipeline, pool, rng, args.unet_batch_size, args.caption_dropout)
-    fit(parameters, losses, args.unet_steps, args.unet_lr, "unet")
+    losses = denoiser_losses(pipeline, pool, rng, args.unet_batch_size, args.caption_dropout, caption_noise)
+    fit(parameters, losses, args.unet_steps, args.unet_lr, "unet", on_step=save)
     unet.eval()
     text_encoder.eval()
     pipeline.save_pretrained(args.output)
     print(f"saved to {args.output} after {time.perf_counter() - start:.0f}s", flush=True)
-
-    prompts = [p for p in EVAL_PROMPTS for _ in range(args.eval_seeds)]
-    seeds = list(range(len(prompts)))
-    config = GenerationConfig(args.num_inference_steps, args.guidance_scale, batch_size=64)
-    samples = generate(
-        load_pipeline(str(args.output), "cpu")[0], list(zip(prompts, seeds, strict=True)), config
-    )
-    truth = [
-        render(sample_scene(np.random.default_rng(s), parse_caption(p)))
-        for p, s in zip(prompts, seeds, strict=True)
-    ]
-    noise = torch.rand(len(prompts), 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
-    print(
-        f"mean ToyReward on {len(prompts)} held-out prompt/seed pairs: samples {mean_reward(samples, prompts):.3f} "
-        f"(DDIM {args.num_inference_steps} steps, guidance {args.guidance_scale}), "
-        f"renders {mean_reward(truth, prompts):.3f}, noise {mean_reward(noise, prompts):.3f}; "
-        f"total {time.perf_counter() - start:.0f}s",
-        flush=True,
-    )
 
 
 if __name__ == "__main__":
