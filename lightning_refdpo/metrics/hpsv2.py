@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from lightning_refdpo.metrics._hub import hub_file
-from lightning_refdpo.metrics._open_clip import import_open_clip
-from lightning_refdpo.metrics.base import RewardScore, freeze, to_pil_images
+from lightning_refdpo.metrics._open_clip import cosine_score, import_open_clip
+from lightning_refdpo.metrics.base import RewardScore, freeze
 
 #: checkpoint file of each HPS version in the hub repo ``xswu/HPSv2`` (``hps_version_map`` of the hpsv2 package)
 HPS_CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -65,10 +65,7 @@ class HPSv2(RewardScore):
         self.tokenizer = open_clip.get_tokenizer(architecture)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        pixels = torch.stack([self.preprocess(image) for image in to_pil_images(images)]).to(self.device)
-        image_features = self.model.encode_image(pixels, normalize=True)
-        text_features = self.model.encode_text(self.tokenizer(list(prompts)).to(self.device), normalize=True)
-        return 100.0 * (image_features * text_features).sum(-1)
+        return cosine_score(self.model, self.tokenizer, self.preprocess, images, prompts)
 
     @property
     def name(self) -> str:

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from lightning_refdpo.hub import ModelLoadError
-from lightning_refdpo.metrics._open_clip import import_open_clip
-from lightning_refdpo.metrics.base import RewardScore, freeze, to_pil_images
+from lightning_refdpo.metrics._open_clip import cosine_score, import_open_clip
+from lightning_refdpo.metrics.base import RewardScore, freeze
 
 
 class OpenCLIPScore(RewardScore):
@@ -52,10 +52,7 @@ class OpenCLIPScore(RewardScore):
         self.tokenizer = open_clip.get_tokenizer(architecture)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        pixels = torch.stack([self.preprocess(image) for image in to_pil_images(images)]).to(self.device)
-        image_features = self.model.encode_image(pixels, normalize=True)
-        text_features = self.model.encode_text(self.tokenizer(list(prompts)).to(self.device), normalize=True)
-        return 100.0 * (image_features * text_features).sum(-1)
+        return cosine_score(self.model, self.tokenizer, self.preprocess, images, prompts)
 
     @property
     def name(self) -> str:
