@@ -32,8 +32,8 @@ tiny-demo: tiny-assets
 	$(BIN)/lightning-refdpo fit --config configs/tiny.yaml
 
 lint: install
-	$(BIN)/ruff check lightning_refdpo tests
-	$(BIN)/ruff format --check lightning_refdpo tests
+	$(BIN)/ruff check lightning_refdpo tests benchmarks scripts
+	$(BIN)/ruff format --check lightning_refdpo tests benchmarks scripts
 
 clean:
 	rm -rf .tiny outputs lightning_logs
