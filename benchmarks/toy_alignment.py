@@ -55,10 +55,11 @@ import numpy as np
 import torch
 import yaml
 
+from lightning_refdpo.data.preference import PreferenceCollator, PreferencePairs, drop_ties
 from lightning_refdpo.evaluation import GenerationConfig, evaluation_items, load_pipeline
-from lightning_refdpo.metrics import win_rate
+from lightning_refdpo.metrics import win_outcomes, win_rate
 from lightning_refdpo.toy.demo import TARGET_WIN_RATE, fit
-from lightning_refdpo.toy.evaluate import GENERATION, attribute_summary, bootstrap_ci, toy_scores, wins
+from lightning_refdpo.toy.evaluate import GENERATION, attribute_summary, bootstrap_ci, toy_scores
 from lightning_refdpo.toy.world import TEST_PROMPTS, VALIDATION_PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,14 +183,12 @@ def run_one(job: dict) -> dict:
 
 
 def divergence_batch(path: Path, latent_columns: list[str]) -> dict:
-    """The winners of the strict pairs of a preference parquet with shipped latents, as a batch."""
+    """The strict pairs of a preference parquet with shipped latents, as one batch (winners first)."""
     import datasets
 
-    rows = datasets.Dataset.from_parquet(str(path)).filter(lambda r: r["label_0"] != 0.5)
-    first = torch.tensor([r == 1.0 for r in rows["label_0"]])
-    latents = [torch.tensor(np.asarray(rows[c], dtype=np.float32)) for c in latent_columns]
-    winners = torch.where(first[:, None, None, None], latents[0], latents[1])
-    return {"latents_w": winners, "latents_l": winners, "caption": list(rows["caption"])}
+    rows = drop_ties(datasets.Dataset.from_parquet(str(path)), str(path))
+    pairs = PreferencePairs(rows, transform=None, latent_columns=tuple(latent_columns))
+    return PreferenceCollator()([pairs[i] for i in range(len(pairs))])
 
 
 @torch.no_grad()
@@ -265,7 +264,9 @@ def aggregate(search: dict, test: dict, base: dict, args: argparse.Namespace) ->
         seeds = sorted(runs)
         scores = {s: torch.tensor(runs[s]["scores"]) for s in seeds}
         means = [float(scores[s].mean()) for s in seeds]
-        outcomes = torch.stack([wins(scores[s], baseline) for s in seeds]).view(len(seeds), num_prompts, -1)
+        outcomes = torch.stack([win_outcomes(scores[s], baseline) for s in seeds]).view(
+            len(seeds), num_prompts, -1
+        )
         dpo = {r["seed"]: torch.tensor(r["scores"]) for r in test.get("diffusion_dpo", [])}
         versus_dpo = [win_rate(scores[s], dpo[s]) for s in seeds if s in dpo]
         refs = [runs[s]["reference"] for s in seeds if runs[s]["reference"]]

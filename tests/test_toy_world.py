@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from lightning_refdpo.data.preference import check_schema, decode_image
-from lightning_refdpo.toy.evaluate import attribute_summary, bootstrap_ci, gain_in_std, wins
+from lightning_refdpo.metrics import win_outcomes
+from lightning_refdpo.toy.evaluate import attribute_summary, bootstrap_ci, gain_in_std
 from lightning_refdpo.toy.reward import WEIGHTS, ToyReward
 from lightning_refdpo.toy.world import (
     BACKGROUNDS,
@@ -226,7 +227,7 @@ def test_shipped_latents_decode_to_the_stored_images():
 
 def test_win_rate_interval_and_gain_helpers():
     scores = torch.tensor([1.0, 0.0, 2.0, 2.0])
-    assert wins(scores, torch.tensor([0.0, 1.0, 2.0, 1.0])).tolist() == [1.0, 0.0, 0.5, 1.0]
+    assert win_outcomes(scores, torch.tensor([0.0, 1.0, 2.0, 1.0])).tolist() == [1.0, 0.0, 0.5, 1.0]
     always = torch.ones(5, 9, 4)
     assert bootstrap_ci(always) == (1.0, 1.0)
     outcomes = (torch.rand(5, 45, 4, generator=torch.Generator().manual_seed(0)) < 0.7).double()

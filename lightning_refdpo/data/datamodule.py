@@ -137,7 +137,7 @@ class PreferenceDataModule(LightningDataModule):
         """The preference pairs of ``split``: schema checked, ties dropped, and with ``limit`` the
         first ``limit`` pairs of a shuffle with :attr:`seed`."""
         dataset = self.load_split(split)
-        check_schema(dataset, split, self.hparams.latent_columns or ())
+        check_schema(dataset, split, self.latent_columns or ())
         check_labels(dataset, split)
         dataset = drop_ties(dataset, split)
         if limit is not None:

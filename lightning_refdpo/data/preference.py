@@ -25,14 +25,14 @@ REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 TIE = 0.5
 
 
-def check_schema(dataset: Any, split: str, extra_columns: Sequence[str] = ()) -> None:
-    """Refuse a split that lacks a Pick-a-Pic v2 column (or one of ``extra_columns``, e.g. the
-    latent columns asked for), naming it and what was found."""
+def check_schema(dataset: Any, split: str, latent_columns: Sequence[str] = ()) -> None:
+    """Refuse a split that lacks a Pick-a-Pic v2 column, or one of the ``latent_columns`` asked for,
+    naming it and what was found."""
     columns = dataset.column_names
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if any(c not in columns for c in extra_columns):
+    if any(c not in columns for c in latent_columns):
         raise ValueError(
-            f"preference split {split!r} lacks column(s) {', '.join(c for c in extra_columns if c not in columns)} "
+            f"preference split {split!r} lacks column(s) {', '.join(c for c in latent_columns if c not in columns)} "
             f"named by data.latent_columns; found {', '.join(columns)}. Drop data.latent_columns to encode the images."
         )
     if missing:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from lightning_refdpo.metrics import RewardScore, to_float_images, win_rate
+from lightning_refdpo.metrics import RewardScore, to_float_images, win_outcomes, win_rate
 
 
 def paper_scorers() -> list[RewardScore]:
@@ -70,7 +70,7 @@ def bootstrap_intervals(
     quantiles of the statistic over ``num_resamples`` resamples (seeded, so reproducible).
     """
     rng = np.random.default_rng(seed)
-    wins = (scores > baseline) + 0.5 * (scores == baseline)
+    wins = win_outcomes(scores, baseline)
     statistics = {"model_ci": scores, "baseline_ci": baseline, "win_rate_ci": wins}
     draws = {key: [] for key in statistics}
     for start in range(0, num_resamples, 100):

@@ -7,7 +7,7 @@ from lightning_refdpo.metrics.hpsv2 import HPSv2
 from lightning_refdpo.metrics.image_reward import ImageReward
 from lightning_refdpo.metrics.open_clip_score import OpenCLIPScore
 from lightning_refdpo.metrics.pickscore import PickScore
-from lightning_refdpo.metrics.win_rate import WinRate, win_rate
+from lightning_refdpo.metrics.win_rate import WinRate, win_outcomes, win_rate
 
 __all__ = [
     "AestheticScore",
@@ -20,5 +20,6 @@ __all__ = [
     "WinRate",
     "to_float_images",
     "to_pil_images",
+    "win_outcomes",
     "win_rate",
 ]

@@ -29,6 +29,12 @@ def _wins_and_count(
     return (scores > baseline_scores).sum().double(), (~tied).sum()
 
 
+def win_outcomes(scores: Any, baseline_scores: Any) -> Any:
+    """Per paired item, what :func:`win_rate` averages with ``ties="half"``: 1 where ``scores`` beats
+    ``baseline_scores``, 0.5 on a tie, 0 else (torch tensors or numpy arrays alike)."""
+    return (scores > baseline_scores) + 0.5 * (scores == baseline_scores)
+
+
 def win_rate(
     scores: torch.Tensor | Sequence[float],
     baseline_scores: torch.Tensor | Sequence[float],

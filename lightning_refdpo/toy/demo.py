@@ -29,14 +29,13 @@ import torch
 from PIL import Image
 
 from lightning_refdpo.evaluation import GenerationConfig, evaluation_items, image_grid, load_pipeline
-from lightning_refdpo.metrics import to_pil_images, win_rate
+from lightning_refdpo.metrics import to_pil_images, win_outcomes, win_rate
 from lightning_refdpo.toy.evaluate import (
     GENERATION,
     attribute_summary,
     bootstrap_ci,
     gain_in_std,
     toy_scores,
-    wins,
 )
 from lightning_refdpo.toy.world import TEST_PROMPTS, parse_caption
 
@@ -55,7 +54,7 @@ def fit(config: str | Path, overrides: Sequence[str] = ()) -> Any:
 def verdict(scores: torch.Tensor, baseline: torch.Tensor, num_seeds: int) -> dict[str, Any]:
     """Win rate with its 95 % bootstrap interval over prompts, gain and gain in standard deviations
     (``scores`` and ``baseline`` prompt-major, ``num_seeds`` items per prompt), and ``passed``."""
-    outcomes = wins(scores, baseline).view(1, -1, num_seeds)
+    outcomes = win_outcomes(scores, baseline).view(1, -1, num_seeds)
     low, high = bootstrap_ci(outcomes)
     rate = win_rate(scores, baseline)
     return {

@@ -39,11 +39,6 @@ def attribute_summary(parts: dict[str, torch.Tensor]) -> dict[str, dict[str, flo
     }
 
 
-def wins(scores: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
-    """1 where ``scores`` beats ``baseline``, 0.5 on a tie, 0 else (the win rate's summands)."""
-    return (scores > baseline).double() + 0.5 * (scores == baseline).double()
-
-
 def bootstrap_ci(
     outcomes: torch.Tensor, level: float = 0.95, resamples: int = 2000, seed: int = 0
 ) -> tuple[float, float]:
