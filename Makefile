@@ -23,7 +23,7 @@ test: install
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q
 
 tiny-assets: install
-	test -f .tiny/model/model_index.json || $(PYTHON) -m lightning_refdpo.tiny .tiny
+	test -f .tiny/model/model_index.json || $(PYTHON) -m lightning_refdpo.testing .tiny
 
 demo: install
 	$(PYTHON) -m lightning_refdpo.toy.demo --config configs/demo.yaml --output outputs/demo

@@ -51,7 +51,7 @@ from lightning_refdpo import DiffusionDPOModule, DiscountedTimestepSampler, Pref
 from lightning_refdpo.data.latent_cache import load_latent_split, write_latent_cache
 from lightning_refdpo.data.preference import PairTransform
 from lightning_refdpo.losses import preference_loss
-from lightning_refdpo.tiny import save_random_preference_set, save_tiny_stable_diffusion
+from lightning_refdpo.testing import save_random_preference_set, save_tiny_stable_diffusion
 
 PRESETS = {
     "sd-small": {

@@ -12,14 +12,14 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    from lightning_refdpo.tiny import save_tiny_stable_diffusion
+    from lightning_refdpo.testing import save_tiny_stable_diffusion
 
     return str(save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny") / "model"))
 
 
 @pytest.fixture(scope="session")
 def tiny_v_model(tmp_path_factory) -> str:
-    from lightning_refdpo.tiny import save_tiny_stable_diffusion
+    from lightning_refdpo.testing import save_tiny_stable_diffusion
 
     return str(
         save_tiny_stable_diffusion(
@@ -30,14 +30,14 @@ def tiny_v_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> str:
-    from lightning_refdpo.tiny import save_tiny_sdxl
+    from lightning_refdpo.testing import save_tiny_sdxl
 
     return str(save_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "model"))
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, str]:
-    from lightning_refdpo.tiny import save_random_preference_set
+    from lightning_refdpo.testing import save_random_preference_set
 
     root = tmp_path_factory.mktemp("data")
     return {

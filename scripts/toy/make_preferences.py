@@ -43,7 +43,7 @@ import torch
 from lightning_refdpo.data.preference import decode_image
 from lightning_refdpo.evaluation import GenerationConfig, generate, load_pipeline
 from lightning_refdpo.metrics import to_float_images, to_pil_images
-from lightning_refdpo.tiny import encode_image
+from lightning_refdpo.testing import encode_image
 from lightning_refdpo.toy.reward import ToyReward
 from lightning_refdpo.toy.world import (
     TRAIN_PROMPTS,

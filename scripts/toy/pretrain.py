@@ -3,7 +3,7 @@
     python scripts/toy/pretrain.py --output outputs/toy_pretrain \
         --vae-from assets/toy/model --caption-noise position=0.5 colour=0.3
 
-The pipeline is built by :func:`lightning_refdpo.tiny.save_tiny_stable_diffusion` (SD1.5 layout:
+The pipeline is built by :func:`lightning_refdpo.testing.save_tiny_stable_diffusion` (SD1.5 layout:
 byte-level CLIP tokenizer, CLIP text encoder, UNet, a VAE with 32 px images -> 4 x 8 x 8 latents,
 the SD1.5 noise schedule), then trained in two stages on 32 px renders of
 ``lightning_refdpo.toy.world.TRAIN_PROMPTS`` (validation and test prompts are never seen):
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from lightning_refdpo.metrics.base import to_float_images
-from lightning_refdpo.tiny import save_tiny_stable_diffusion
+from lightning_refdpo.testing import save_tiny_stable_diffusion
 from lightning_refdpo.toy.world import TRAIN_PROMPTS, caption, parse_caption, perturb, render, sample_scene
 
 ARCHITECTURE = {

@@ -1,23 +1,17 @@
-"""Tiny Stable-Diffusion-shaped models and preference sets, built offline from configs.
+"""Tiny Stable-Diffusion-shaped pipelines, built offline from configs.
 
 Nothing here is trained: it gives CPU tests, the tiny config and the benchmarks real diffusers /
-transformers components in the folder layout of ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (``unet``,
-``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``, ``model_index.json``), loaded back with the
-same ``from_pretrained`` calls as the real model.
-
-    python -m lightning_refdpo.tiny .tiny      # writes .tiny/model and .tiny/data/{train,validation}.parquet
+transformers components in the folder layout of the hub models (``unet``, ``vae``,
+``text_encoder``, ``tokenizer``, ``scheduler``, ``model_index.json``), loaded back with the same
+``from_pretrained`` calls as the real models.
 """
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
@@ -228,56 +222,3 @@ def save_tiny_sdxl(
     )
     pipeline.save_pretrained(path)
     return path
-
-
-def encode_image(image: Image.Image, format: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=format)
-    return buffer.getvalue()
-
-
-def save_random_preference_set(
-    path: str | Path,
-    num_pairs: int = 32,
-    resolution: int = 32,
-    tie_fraction: float = 0.1,
-    seed: int = 0,
-) -> Path:
-    """Write a parquet file in the Pick-a-Pic v2 schema (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``)
-    with random images of ``resolution`` px; ``tie_fraction`` of the pairs are ties (``label_0 = 0.5``)."""
-    import datasets
-
-    rng = np.random.default_rng(seed)
-    words = ["a", "red", "blue", "green", "cat", "dog", "house", "tree", "on", "the", "hill", "photo"]
-
-    def image() -> bytes:
-        pixels = rng.integers(0, 256, size=(resolution, resolution, 3), dtype=np.uint8)
-        return encode_image(Image.fromarray(pixels))
-
-    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}
-    for _ in range(num_pairs):
-        rows["caption"].append(" ".join(rng.choice(words, size=rng.integers(2, 6))))
-        rows["jpg_0"].append(image())
-        rows["jpg_1"].append(image())
-        rows["label_0"].append(0.5 if rng.random() < tie_fraction else float(rng.integers(0, 2)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    datasets.Dataset.from_dict(rows).to_parquet(str(path))
-    return path
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("output", type=Path, help="folder to write model/ and data/ into")
-    parser.add_argument("--num-pairs", type=int, default=64)
-    args = parser.parse_args()
-    save_tiny_stable_diffusion(args.output / "model")
-    save_random_preference_set(args.output / "data" / "train.parquet", num_pairs=args.num_pairs, seed=0)
-    save_random_preference_set(args.output / "data" / "validation.parquet", num_pairs=16, seed=1)
-    print(f"tiny model and preference set written to {args.output}")
-
-
-if __name__ == "__main__":
-    main()
