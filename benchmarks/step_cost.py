@@ -193,8 +193,12 @@ def bare_step(model: str, pairs: int):
 def public_style_step(module: DiffusionDPOModule):
     """(d): a step with VAE and text encoding, a separate reference UNet, winner and loser apart."""
     policy, reference = load_unets(module.hparams.pretrained_model_name_or_path)
-    vae, text_encoder, tokenizer = module.vae, module.text_encoder, module.tokenizer
-    scheduler, scaling = module.noise_scheduler, vae.config.scaling_factor
+    vae, text_encoder, tokenizer = (
+        module.backbone.vae,
+        module.backbone.text_encoder,
+        module.backbone.tokenizer,
+    )
+    scheduler, scaling = module.backbone.noise_scheduler, vae.config.scaling_factor
     optimizer = torch.optim.AdamW(policy.parameters(), lr=LEARNING_RATE)
 
     def step(batch):
@@ -234,11 +238,11 @@ def peak_memory(kind: str, model: str, cache: Path, pairs: int, steps: int) -> i
         module = make_module(model, lora_rank=LORA_RANK)
         sampler = DiscountedTimestepSampler(1000, gamma=0.9, num_bins=50)
         optimizer = torch.optim.AdamW(
-            [p for p in module.unet.parameters() if p.requires_grad], lr=LEARNING_RATE
+            [p for p in module.policy.parameters() if p.requires_grad], lr=LEARNING_RATE
         )
         for batch in batches:
             batch["caption"] = [""] * pairs
-            module.preference_step(batch, sampler.sample(pairs))["loss"].mean().backward()
+            module.preference_step(batch, sampler.sample(pairs)).loss.mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     elif kind == "lora_sft":
@@ -334,7 +338,7 @@ def main(preset_name: str, output: Path) -> dict:
     print(f"building the {preset_name} model, data and latent cache in {root}", flush=True)
     model, cache = build(root, preset)
     module = make_module(model)
-    unet_parameters = sum(p.numel() for p in module.unet.parameters())
+    unet_parameters = sum(p.numel() for p in module.policy.parameters())
     times: dict[str, list[float]] = {"bare": [], "module": [], "module_uncached": [], "public_style": []}
     timers = {name: StepTimer() for name in ("module", "module_uncached")}
     bare, public_style = bare_step(model, pairs), public_style_step(module)

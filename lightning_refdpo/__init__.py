@@ -6,6 +6,7 @@ from lightning_refdpo.data import PreferenceDataModule
 from lightning_refdpo.losses import implicit_reward_margin, preference_loss
 from lightning_refdpo.module import DiffusionDPOModule
 from lightning_refdpo.sdxl import StableDiffusionXLDPOModule
+from lightning_refdpo.sources import pipeline_from_export
 from lightning_refdpo.timesteps import (
     DiscountedTimestepSampler,
     TimestepSampler,
@@ -22,6 +23,7 @@ __all__ = [
     "TimestepSampler",
     "UniformTimestepSampler",
     "implicit_reward_margin",
+    "pipeline_from_export",
     "preference_loss",
     "reward_scale_schedule",
 ]

@@ -36,8 +36,9 @@ from lightning_refdpo.callbacks.checkpointing import (
 )
 from lightning_refdpo.callbacks.progress import sane_progress_bar
 from lightning_refdpo.data import PreferenceDataModule
+from lightning_refdpo.guard import NonFiniteLossError, UndecodablePairsError
 from lightning_refdpo.hub import ModelLoadError
-from lightning_refdpo.module import DiffusionDPOModule, NonFiniteLossError, UndecodablePairsError
+from lightning_refdpo.module import DiffusionDPOModule
 
 DESCRIPTION = (
     "Diffusion-DPO with reference-model updates and timestep-aware optimization (arXiv 2505.18736): "
@@ -268,13 +269,13 @@ class RefDPOCLI(LightningCLI):
         splits = {"train": data.load_pairs(hp.train_split, hp.max_train_samples, transform)}
         if hp.validation_split:
             splits["validation"] = data.load_pairs(hp.validation_split, hp.max_validation_samples, transform)
-        path = write_latent_cache(module, splits, config.output, config.cache_batch_size)
+        path = write_latent_cache(module.backbone, splits, config.output, config.cache_batch_size)
         print(f"latent cache written to {path}; train with --data.init_args.latent_cache {path}")
         return Path(path)
 
     def run_evaluate(self, config: Namespace) -> dict:
         from lightning_refdpo.evaluation import evaluate_model
-        from lightning_refdpo.export import check_model_source, check_writable_folder
+        from lightning_refdpo.sources import check_model_source, check_writable_folder
 
         check_writable_folder(config.output, "--output")
         for option in ("model", "baseline"):

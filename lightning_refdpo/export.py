@@ -20,76 +20,37 @@ What goes into the export folder (only the trained ``policy``; never the referen
 from __future__ import annotations
 
 import copy
-import importlib
 import json
-import re
-import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from lightning_refdpo import lora
-from lightning_refdpo.hub import ModelLoadError
+from lightning_refdpo.evaluation.report import results_table
 from lightning_refdpo.model_card import model_card
 from lightning_refdpo.module import DiffusionDPOModule
+from lightning_refdpo.sources import (
+    EXPORT_INFO,
+    check_writable_folder,
+    load_module,
+    pipeline_from_export,
+    read_checkpoint,
+)
 
-EXPORT_INFO = "export.json"
-DEFAULT_MODULE_CLASS = "lightning_refdpo.module.DiffusionDPOModule"
-
-
-def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    """The checkpoint's contents, memory-mapped (cheap even for full fine-tuning checkpoints).
-    A Lightning checkpoint holds Python objects: load only checkpoints you trust."""
-    return torch.load(str(ckpt_path), map_location="cpu", mmap=True, weights_only=False)
-
-
-def load_module(ckpt_path: str | Path, **overrides: Any) -> DiffusionDPOModule:
-    """The LightningModule of a training checkpoint, of the class that wrote it (SD1.5 or SDXL),
-    in eval mode on CPU; ``torch.compile``, gradient checkpointing and xformers off unless
-    ``overrides`` say otherwise (``overrides`` replace saved hyperparameters)."""
-    # Checkpoints written before SDXL support do not name their class: they are all SD1.5 modules.
-    name = read_checkpoint(ckpt_path).get("module_class", DEFAULT_MODULE_CLASS)
-    module_path, _, class_name = name.rpartition(".")
-    cls = getattr(importlib.import_module(module_path), class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, DiffusionDPOModule)):
-        raise TypeError(f"checkpoint {str(ckpt_path)!r} names {name!r}, not a DiffusionDPOModule subclass")
-    overrides = {"compile_unet": False, "gradient_checkpointing": False, "attention": "sdpa", **overrides}
-    with warnings.catch_warnings():
-        # The frozen parts are reloaded from the model id by design (``on_load_checkpoint`` checks the rest).
-        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in")
-        try:
-            module = cls.load_from_checkpoint(
-                str(ckpt_path), map_location="cpu", weights_only=False, **overrides
-            )
-        except ModelLoadError as err:
-            raise ModelLoadError(
-                f"{err} If the base model has moved, pass its new place with --base_model."
-            ) from None
-    return module.eval()
+# ``pipeline_from_export`` is read from here by the model cards that version 0.1 wrote.
+__all__ = ["export_checkpoint", "merged_policy", "pipeline_from_export", "save_lora"]
 
 
-def base_scheduler(module: DiffusionDPOModule) -> Any:
-    """The base model's own sampler (e.g. ``EulerDiscreteScheduler`` for SDXL), not the training
-    ``DDPMScheduler``."""
-    import diffusers
-
-    hp = module.hparams
-    config = diffusers.DDPMScheduler.load_config(
-        hp.pretrained_model_name_or_path, subfolder="scheduler", revision=hp.revision
-    )
-    return getattr(diffusers, config["_class_name"]).from_config(config)
-
-
-def merged_policy_unet(module: DiffusionDPOModule) -> torch.nn.Module:
-    """A plain ``UNet2DConditionModel`` computing the policy: with LoRA, a copy of the UNet with the
-    ``policy`` adapter merged into its weights and every adapter removed; else the policy UNet."""
+def merged_policy(module: DiffusionDPOModule) -> torch.nn.Module:
+    """A plain denoiser (UNet or transformer) computing the policy: with LoRA, a copy of the
+    denoiser with the ``policy`` adapter merged into its weights and every adapter removed; else
+    the policy itself."""
     if not module.uses_lora:
-        return module.unet
-    unet = copy.deepcopy(module.unet)
-    unet.fuse_lora(adapter_names=[lora.POLICY])
-    unet.unload_lora()
-    return unet
+        return module.policy
+    denoiser = copy.deepcopy(module.policy)
+    denoiser.fuse_lora(adapter_names=[lora.POLICY])
+    denoiser.unload_lora()
+    return denoiser
 
 
 def save_lora(module: DiffusionDPOModule, output: str | Path) -> Path:
@@ -99,12 +60,17 @@ def save_lora(module: DiffusionDPOModule, output: str | Path) -> Path:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(module.unet, adapter_name=lora.POLICY))
+    layers = convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(module.policy, adapter_name=lora.POLICY)
+    )
     layers = {k: v.detach().float().contiguous() for k, v in layers.items()}
+    name = module.backbone.denoiser_name
     type(module.build_pipeline()).save_lora_weights(
         str(output),
-        unet_lora_layers=layers,
-        unet_lora_adapter_metadata=module.unet.peft_config[lora.POLICY].to_dict(),
+        **{
+            f"{name}_lora_layers": layers,
+            f"{name}_lora_adapter_metadata": module.policy.peft_config[lora.POLICY].to_dict(),
+        },
         safe_serialization=True,
     )
     return Path(output)
@@ -131,8 +97,6 @@ def export_checkpoint(
         base_model: the base model's hub id or folder, instead of the one the checkpoint names (a
             folder that has moved).
     """
-    from lightning_refdpo.evaluation import results_table
-
     results = json.loads(Path(evaluation).read_text()) if evaluation else None
     if results is not None:
         check_evaluation_of(results, ckpt_path, evaluation)
@@ -142,15 +106,15 @@ def export_checkpoint(
     module = load_module(ckpt_path, **overrides)
     hp = {**module.hparams, **checkpoint["hyper_parameters"], **overrides}  # as trained, not as reloaded
     output_dir = Path(output)
-    weights = "lora" if module.uses_lora else "unet"
+    weights = "lora" if module.uses_lora else module.backbone.denoiser_name
     if module.uses_lora:
         save_lora(module, output_dir)
     else:
-        module.unet.save_pretrained(output_dir / "unet", safe_serialization=True)
+        module.policy.save_pretrained(output_dir / weights, safe_serialization=True)
     pipeline_class = type(module.build_pipeline()).__name__
     if pipeline:
-        full = module.build_pipeline(merged_policy_unet(module))
-        full.scheduler = base_scheduler(module)
+        full = module.build_pipeline(merged_policy(module))
+        full.scheduler = module.backbone.base_scheduler()
         full.save_pretrained(output_dir, safe_serialization=True)
     info = {
         "base_model": hp["pretrained_model_name_or_path"],
@@ -193,80 +157,3 @@ def check_evaluation_of(results: dict, ckpt_path: str | Path, evaluation: str | 
             f"--evaluation {evaluation} holds the results of {results.get('model')!r}, not of {ckpt_path}; "
             f"evaluate this checkpoint first: lightning-refdpo evaluate {ckpt_path} ..."
         )
-
-
-def check_writable_folder(folder: str | Path, option: str) -> Path:
-    """Create ``folder`` and check that a file can be written in it, before any long work."""
-    path = Path(folder)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"{option} {folder} is not a writable folder: {err.strerror or err}") from None
-    return path
-
-
-def check_model_source(source: str, option: str) -> str:
-    """``source`` if it can be a model for ``evaluate``: a checkpoint file, an export folder, a
-    diffusers pipeline folder, or a hub id (``owner/name``) that is not a local path. Local paths
-    come back absolute (so ``results.json`` names them wherever it is read). Anything else is
-    refused before a model is loaded."""
-    path = Path(source)
-    if path.is_file() and path.suffix == ".ckpt":
-        return str(path.resolve())
-    if path.is_dir() and ((path / EXPORT_INFO).is_file() or (path / "model_index.json").is_file()):
-        return str(path.resolve())
-    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", source) and path.suffix != ".ckpt":
-        return source
-    kind = (
-        "no such file or folder"
-        if not path.exists()
-        else "neither a .ckpt checkpoint nor an export or pipeline folder"
-    )
-    raise ValueError(
-        f"{option} {source}: {kind} (expected a checkpoint of lightning-refdpo fit, a folder of "
-        "lightning-refdpo export, a diffusers pipeline folder or a hub id)"
-    )
-
-
-def pipeline_from_export(
-    source: str | Path, base_model: str | None = None, **from_pretrained_kwargs: Any
-) -> Any:
-    """A ready diffusers pipeline (the base model's scheduler) from any of:
-
-    - a Lightning checkpoint (``.ckpt``): the policy of :func:`load_module` (``torch_dtype``, if
-      given, casts it);
-    - an export folder holding a whole pipeline: ``DiffusionPipeline.from_pretrained``;
-    - an export folder with LoRA or UNet weights only: the base pipeline of ``export.json`` with the
-      LoRA loaded (``load_lora_weights``) or the UNet replaced;
-    - any other diffusers pipeline folder or hub id.
-
-    ``base_model`` replaces the base model a checkpoint or ``export.json`` names (a moved folder);
-    ``from_pretrained_kwargs`` (``torch_dtype``, ``variant``, ...) go to ``from_pretrained``.
-    """
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
-
-    from lightning_refdpo.hub import load_component
-
-    path = Path(source)
-    dtype = from_pretrained_kwargs.get("torch_dtype")
-    if path.suffix == ".ckpt":
-        module = load_module(path, **({"pretrained_model_name_or_path": base_model} if base_model else {}))
-        pipeline = module.build_pipeline()
-        pipeline.scheduler = base_scheduler(module)
-        return pipeline.to(dtype) if dtype is not None else pipeline
-    if (path / "model_index.json").is_file() or not (path / EXPORT_INFO).is_file():
-        return load_component(DiffusionPipeline, str(source), **from_pretrained_kwargs)
-    info = json.loads((path / EXPORT_INFO).read_text())
-    components = {}
-    if info["vae"]:
-        components["vae"] = load_component(AutoencoderKL, info["vae"], torch_dtype=dtype)
-    if info["weights"] == "unet":
-        components["unet"] = load_component(UNet2DConditionModel, str(path), "unet", torch_dtype=dtype)
-    kwargs = {"revision": info["revision"], "variant": info["variant"], **from_pretrained_kwargs}
-    pipeline = load_component(DiffusionPipeline, base_model or info["base_model"], **components, **kwargs)
-    if info["weights"] == "lora":
-        pipeline.load_lora_weights(str(path))
-    return pipeline

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -33,3 +34,11 @@ _FIX = (
     "Check the id or path; without network access, download it first or point to a local folder "
     "(HF_HUB_OFFLINE=1 uses the local cache only)."
 )
+
+
+def absolute_if_local(name_or_path: str | None) -> str | None:
+    """``name_or_path`` as an absolute path when it names an existing local folder, else unchanged
+    (a hub id)."""
+    if name_or_path is None or not Path(name_or_path).expanduser().is_dir():
+        return name_or_path
+    return str(Path(name_or_path).expanduser().resolve())

@@ -8,19 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-LOSS_NAMES = {
-    "sigmoid": "Diffusion-DPO",
-    "ipo": "Diffusion-DPO with the IPO loss",
-    "hinge": "Diffusion-DPO with the hinge loss",
-    "robust": "Diffusion-DPO with the robust-DPO loss",
-    "sft": "supervised fine-tuning on the preferred images",
-}
+from lightning_refdpo.losses import LOSSES
+
 PAPER = "[Rethinking DPO in Diffusion Models](https://arxiv.org/abs/2505.18736)"
 
 
 def method_description(hparams: dict[str, Any], reference_state: dict[str, Any] | None) -> str:
     """One paragraph naming the objective and which of the paper's changes were used."""
-    text = f"{LOSS_NAMES[hparams['loss_type']]} (loss `{hparams['loss_type']}`, beta {hparams['beta']:g})"
+    text = f"{LOSSES[hparams['loss_type']].title} (loss `{hparams['loss_type']}`, beta {hparams['beta']:g})"
     changes = []
     if reference_state is not None:
         changes.append(
@@ -109,7 +104,7 @@ def model_card(
         usage_snippet(weights, base_model, pipeline_class, vae),
         "```",
         "",
-        "or `lightning_refdpo.export.pipeline_from_export(EXPORT_DIR)`.",
+        "or `lightning_refdpo.pipeline_from_export(EXPORT_DIR)`.",
         "",
         "## Hyperparameters",
         "",

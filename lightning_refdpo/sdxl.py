@@ -1,34 +1,11 @@
-"""``StableDiffusionXLDPOModule``: the DPO module of ``module.py`` for SDXL.
-
-SDXL conditions its UNet on three things, computed as in diffusers' ``train_diffusion_dpo_sdxl.py``
-and ``StableDiffusionXLPipeline`` (so training and generation agree):
-
-- ``encoder_hidden_states``: the penultimate hidden states of both text encoders concatenated on
-  the feature axis (768 + 1280 = 2048 channels for SDXL base);
-- ``text_embeds``: the pooled, projected embedding of the second text encoder (1280);
-- ``time_ids``: the micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``.
-  ``micro_conditioning="fixed"`` (Diffusion-DPO's SDXL training, the SDXL recipes):
-  ``(res, res, 0, 0, res, res)`` for every image, ``res`` the training resolution.
-  ``"per_image"`` (diffusers' ``train_diffusion_dpo_sdxl.py``): each image's own size before
-  resizing and the top-left of its own crop (``original_size``, ``crop_top_left`` of the batch,
-  winner and loser rows), and the training crop's size.
-
-The last two reach the UNet as ``added_cond_kwargs``. Everything else (loss, reference model,
-timesteps, checkpoints) is the base module's.
-"""
+"""``StableDiffusionXLDPOModule``: the DPO module on the SDXL backbone (``backbones/sdxl.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import torch
-
-from lightning_refdpo.hub import load_component
+from lightning_refdpo.backbones import Backbone, StableDiffusionXLBackbone
 from lightning_refdpo.module import DiffusionDPOModule
-
-MICRO_CONDITIONING = ("original_size", "crop_top_left")
-MICRO_CONDITIONING_MODES = ("fixed", "per_image")
 
 
 class StableDiffusionXLDPOModule(DiffusionDPOModule):
@@ -40,9 +17,12 @@ class StableDiffusionXLDPOModule(DiffusionDPOModule):
             layout plus ``text_encoder_2`` and ``tokenizer_2``).
         vae_name_or_path: see :class:`DiffusionDPOModule`; the SDXL configs use
             ``madebyollin/sdxl-vae-fp16-fix`` (the SDXL VAE gives NaNs in fp16).
-        micro_conditioning: ``"fixed"`` (Diffusion-DPO) or ``"per_image"``, see the module docstring.
+        micro_conditioning: ``"fixed"`` (Diffusion-DPO: ``(res, res, 0, 0, res, res)`` for every
+            image) or ``"per_image"`` (each image's own size and crop), see ``backbones/sdxl.py``.
         **kwargs: every other argument of :class:`DiffusionDPOModule`.
     """
+
+    backbone_class = StableDiffusionXLBackbone
 
     def __init__(
         self,
@@ -51,139 +31,19 @@ class StableDiffusionXLDPOModule(DiffusionDPOModule):
         micro_conditioning: str = "fixed",
         **kwargs: Any,
     ) -> None:
-        if micro_conditioning not in MICRO_CONDITIONING_MODES:
-            raise ValueError(
-                f"model.micro_conditioning must be one of {', '.join(MICRO_CONDITIONING_MODES)}; "
-                f"got {micro_conditioning!r}"
-            )
+        StableDiffusionXLBackbone.check_micro_conditioning(micro_conditioning)
         super().__init__(
             pretrained_model_name_or_path=pretrained_model_name_or_path,
             vae_name_or_path=vae_name_or_path,
             **kwargs,
         )
-        self.text_encoder_2.requires_grad_(False)
 
-    def load_components(self) -> None:
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-        super().load_components()
+    def build_backbone(self) -> Backbone:
         hp = self.hparams
-        path = hp.pretrained_model_name_or_path
-        if self.unet.config.addition_embed_type != "text_time":
-            raise ValueError(
-                f"model.pretrained_model_name_or_path {path!r} has no SDXL UNet (addition_embed_type "
-                f"{self.unet.config.addition_embed_type!r}, not 'text_time'); use DiffusionDPOModule for it"
-            )
-        self.tokenizer_2 = load_component(CLIPTokenizer, path, "tokenizer_2", revision=hp.revision)
-        self.text_encoder_2 = load_component(
-            CLIPTextModelWithProjection, path, "text_encoder_2", revision=hp.revision, variant=hp.variant
+        return self.backbone_class(
+            hp.pretrained_model_name_or_path,
+            hp.revision,
+            hp.variant,
+            hp.vae_name_or_path,
+            micro_conditioning=hp.micro_conditioning,
         )
-
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        return [*super().frozen_modules(), self.text_encoder_2]
-
-    def trainable_and_reference_keys(self) -> list[str]:
-        return [k for k in super().trainable_and_reference_keys() if not k.startswith("text_encoder_2.")]
-
-    def build_pipeline(self, unet: torch.nn.Module | None = None) -> Any:
-        """A diffusers ``StableDiffusionXLPipeline`` over this module's components and ``unet``
-        (default: the policy), without the invisible watermark."""
-        from diffusers import StableDiffusionXLPipeline
-
-        return StableDiffusionXLPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            text_encoder_2=self.text_encoder_2,
-            tokenizer=self.tokenizer,
-            tokenizer_2=self.tokenizer_2,
-            unet=self.unet if unet is None else unet,
-            scheduler=type(self.noise_scheduler).from_config(self.noise_scheduler.config),
-            add_watermarker=False,
-        )
-
-    @torch.no_grad()
-    def encode_prompts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``{"encoder_hidden_states": cat(h1[-2], h2[-2]), "text_embeds": pooled2}`` for ``captions``:
-        penultimate hidden states of both encoders, and the second encoder's projected pooled output."""
-        hidden_states = []
-        for tokenizer, encoder in (
-            (self.tokenizer, self.text_encoder),
-            (self.tokenizer_2, self.text_encoder_2),
-        ):
-            out = encoder(self.token_ids(tokenizer, captions), output_hidden_states=True)
-            hidden_states.append(out.hidden_states[-2])
-        return {"encoder_hidden_states": torch.cat(hidden_states, dim=-1), "text_embeds": out.text_embeds}
-
-    def encode_batch(
-        self, batch: dict[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """The base module's latents and text conditioning, plus the pooled embedding (from the
-        cache when cached) and the ``time_ids`` of the winners; per image, also ``loser_time_ids``."""
-        per_image = self.hparams.micro_conditioning == "per_image"
-        if per_image:
-            check_per_image_sizes(batch)
-        latents_w, latents_l, cond = super().encode_batch(batch)
-        if "latents_mean_w" in batch:
-            cond["text_embeds"] = batch["text_embeds"]
-        target_size = [side * self.vae_scale_factor for side in latents_w.shape[-2:]]
-        if per_image:
-            sizes, corners = batch["original_size"].to(self.device), batch["crop_top_left"].to(self.device)
-            cond["time_ids"] = micro_conditioning(sizes[:, 0], corners[:, 0], target_size)
-            cond["loser_time_ids"] = micro_conditioning(sizes[:, 1], corners[:, 1], target_size)
-        else:
-            sizes = torch.tensor(target_size, device=self.device).expand(len(latents_w), 2)
-            cond["time_ids"] = micro_conditioning(sizes, torch.zeros_like(sizes), target_size)
-        return latents_w, latents_l, cond
-
-    def pair_conditioning(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The base module's, with each image's own ``time_ids`` (winners', then losers')."""
-        if "loser_time_ids" not in cond:
-            return super().pair_conditioning(cond)
-        paired = super().pair_conditioning({k: v for k, v in cond.items() if k != "loser_time_ids"})
-        paired["time_ids"] = torch.cat([cond["time_ids"], cond["loser_time_ids"]])
-        return paired
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent side (8 for SDXL)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def predict(
-        self,
-        unet: torch.nn.Module,
-        noisy: torch.Tensor,
-        timesteps: torch.Tensor,
-        cond: dict[str, torch.Tensor],
-    ) -> torch.Tensor:
-        """The UNet's prediction with the pooled embedding and the time ids as ``added_cond_kwargs``.
-        The time ids stay float32: the UNet embeds them in float32, and bf16 would round sizes and
-        crop offsets above 256 (a bf16 reference would then see other sizes than the policy)."""
-        dtype = next(unet.parameters()).dtype
-        added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].float()}
-        hidden_states = cond["encoder_hidden_states"].to(dtype)
-        return unet(noisy.to(dtype), timesteps, hidden_states, added_cond_kwargs=added).sample
-
-
-def check_per_image_sizes(batch: dict[str, Any]) -> None:
-    """Refuse a batch without the ``(B, 2, 2)`` sizes and crop corners of winner and loser."""
-    missing = [k for k in MICRO_CONDITIONING if k not in batch]
-    if missing:
-        raise KeyError(
-            f"SDXL batches need {' and '.join(missing)} per pair for the per-image micro-conditioning; "
-            "PreferenceDataModule provides them (rebuild a latent cache written without them)"
-        )
-    if batch["original_size"].ndim != 3:
-        raise ValueError(
-            "per-image micro-conditioning needs original_size and crop_top_left of winner and loser "
-            f"(shape (B, 2, 2)), got shape {tuple(batch['original_size'].shape)}; rebuild the latent "
-            "cache with this version, or use micro_conditioning: fixed"
-        )
-
-
-def micro_conditioning(
-    original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: Sequence[int]
-) -> torch.Tensor:
-    """SDXL's ``add_time_ids``: rows ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``
-    from ``(B, 2)`` original sizes and crop corners and the ``(h, w)`` of the training crop."""
-    target = torch.tensor(target_size, device=original_size.device).expand(len(original_size), 2)
-    return torch.cat([original_size, crop_top_left, target], dim=1).float()

@@ -97,7 +97,7 @@ class RecordRank(Callback):
             "losses": self.losses,
             "timesteps": self.timesteps,
             "divergence_seeds": self.divergence_seeds,
-            "reference": pl_module.reference_unet.state_dict(),
+            "reference": pl_module.reference.model.state_dict(),
             "update": update.state_dict(),
         }
         torch.save(record, Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.pt")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 
-from lightning_refdpo.module import NonFiniteLossError, UndecodablePairsError
+from lightning_refdpo.guard import NonFiniteLossError, UndecodablePairsError
 from tests.helpers import fit_tiny, make_module
 from tests.test_data import solid, write
 
@@ -22,7 +22,7 @@ def nan_loss_in_batches(module, batches) -> None:
         if module.training:
             calls.append(len(calls))
             if calls[-1] in batches:
-                per_pair["loss"] = per_pair["loss"] * float("nan")
+                per_pair.loss = per_pair.loss * float("nan")
         return per_pair
 
     module.preference_step = preference_step
@@ -31,12 +31,16 @@ def nan_loss_in_batches(module, batches) -> None:
 def test_nonfinite_loss_step_is_skipped_and_counted(tiny_model, tiny_data):
     module = make_module(tiny_model, max_nonfinite_steps=2)
     nan_loss_in_batches(module, {1})
-    before = {k: v.clone() for k, v in module.unet.state_dict().items()}
+    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
     trainer = fit_tiny(module, tiny_data, max_steps=3)  # a skipped step counts as a step (no update)
-    assert trainer.global_step == 3 and module.nonfinite_steps == 1 and module.nonfinite_in_a_row == 0
+    assert (
+        trainer.global_step == 3
+        and module.guard.nonfinite_steps == 1
+        and module.guard.nonfinite_in_a_row == 0
+    )
     assert trainer.callback_metrics["train/nonfinite_steps"] == 1
-    assert all(torch.isfinite(v).all() for v in module.unet.state_dict().values())
-    assert any(not torch.equal(before[k], v) for k, v in module.unet.state_dict().items())
+    assert all(torch.isfinite(v).all() for v in module.policy.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in module.policy.state_dict().items())
 
 
 def test_nonfinite_losses_in_a_row_stop_with_a_clear_error_and_a_checkpoint(tiny_model, tiny_data, tmp_path):
@@ -85,7 +89,9 @@ def test_more_than_max_skipped_share_undecodable_stops_the_run(tiny_model, tmp_p
 def test_empty_and_over_long_captions_are_truncated_like_the_tokenizer(tiny_model):
     module = make_module(tiny_model)
     long_caption = "a very long caption " * 100
-    states = module.encode_prompts(["", long_caption, long_caption + "with a different end"])
+    states = module.backbone.encode_prompts(["", long_caption, long_caption + "with a different end"])
     states = states["encoder_hidden_states"]
-    assert states.shape[:2] == (3, module.tokenizer.model_max_length) and torch.isfinite(states).all()
+    assert (
+        states.shape[:2] == (3, module.backbone.tokenizer.model_max_length) and torch.isfinite(states).all()
+    )
     torch.testing.assert_close(states[1], states[2])  # only the first model_max_length tokens count

@@ -44,8 +44,8 @@ def test_fit_tiny_config_end_to_end_and_resume(tiny_model, tiny_data, tmp_path):
     ckpt_path = trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path
     checkpoint = torch.load(ckpt_path, weights_only=False)
     keys = checkpoint["state_dict"].keys()
-    assert any(k.startswith("reference_unet.") for k in keys)
-    assert not any(k.startswith(("vae.", "text_encoder.", "initial_unet.")) for k in keys)
+    assert any(k.startswith("reference.model.") for k in keys)
+    assert not any(k.startswith(("backbone.", "reference.initial_model.")) for k in keys)
     callback_state = next(v for k, v in checkpoint["callbacks"].items() if "ReferenceModelUpdate" in k)
     assert callback_state["last_event_step"] == 4
 

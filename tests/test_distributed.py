@@ -154,7 +154,7 @@ def test_requeued_slurm_job_resumes_from_its_hpc_checkpoint(tiny_model, tiny_dat
         monkeypatch.setenv(key, value)
     cli = run_cli(["fit", *tiny_args(tiny_model, tiny_data, requeued, *options, "--trainer.max_steps=3")])
     assert SLURMEnvironment.detect() and cli.trainer.global_step == 3
-    assert cli.model.pairs_loaded == cli.datamodule.train_batch_size, "one step after the resume"
+    assert cli.model.guard.pairs_loaded == cli.datamodule.train_batch_size, "one step after the resume"
 
 
 def test_fsdp_config_shards_each_unet_and_its_blocks(capsys):

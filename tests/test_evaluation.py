@@ -70,7 +70,7 @@ def test_evaluation_with_a_bfloat16_initial_model_in_32_bit_training(tiny_model,
     run = trainer(tmp_path, [evaluation()])
     run.validate(module, datamodule(tiny_data))
     assert 0.0 <= run.callback_metrics["eval/Brightness_win_rate"].item() <= 1.0
-    assert next(module.initial_unet.parameters()).dtype == torch.bfloat16
+    assert next(module.reference.initial_model.parameters()).dtype == torch.bfloat16
 
 
 def test_evaluation_during_training_logs_scores_win_rate_and_grid(tiny_model, tiny_data, tmp_path):
@@ -98,7 +98,7 @@ def test_win_rate_matches_scores(tiny_model, tiny_data, tmp_path):
     run = trainer(tmp_path, [callback])
     run.validate(module, datamodule(tiny_data))
     with torch.no_grad():
-        for p in module.unet.parameters():
+        for p in module.policy.parameters():
             p.mul_(1.05)
     metrics = callback.evaluate(run, module)
     policy_scores = callback.scorers["Brightness"].scores()

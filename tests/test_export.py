@@ -15,7 +15,7 @@ from safetensors import safe_open
 from lightning_refdpo import ReferenceModelUpdate
 from lightning_refdpo.cli import run_cli
 from lightning_refdpo.evaluation import GenerationConfig, generate
-from lightning_refdpo.export import load_module, pipeline_from_export
+from lightning_refdpo.sources import load_module, pipeline_from_export
 from lightning_refdpo.sdxl import StableDiffusionXLDPOModule
 from tests.helpers import fit_tiny, make_module
 

@@ -22,7 +22,7 @@ def test_cached_and_uncached_training_give_the_same_loss(tiny_model, tiny_data, 
     module = make_module(tiny_model, reward_scale=True)
     dm = PreferenceDataModule(dataset_name="parquet", data_files=tiny_data, resolution=32, num_workers=0)
     pairs = dm.load_pairs("train", None, PairTransform(32, random_crop=False, random_flip=False))
-    cache = write_latent_cache(module, {"train": pairs}, tmp_path / "cache", batch_size=5)
+    cache = write_latent_cache(module.backbone, {"train": pairs}, tmp_path / "cache", batch_size=5)
 
     cached_dm = PreferenceDataModule(latent_cache=str(cache), num_workers=0, validation_split=None)
     cached_dm.setup("fit")
@@ -36,7 +36,7 @@ def test_cached_and_uncached_training_give_the_same_loss(tiny_model, tiny_data, 
     assert cached["caption"] == uncached["caption"]
     a, b = losses(module, uncached), losses(module, cached)
     for key in ("loss", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l"):
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-4, atol=1e-6)
 
 
 def test_cached_caption_dropout_uses_the_empty_prompt(tiny_model, tmp_path):
@@ -96,11 +96,11 @@ def test_speed_switches_keep_loss_and_gradients(tiny_model, switch):
     grads = []
     for module in (reference, switched):
         module.train()
-        loss = losses(module, batch)["loss"].mean()
+        loss = losses(module, batch).loss.mean()
         loss.backward()
-        grads.append(torch.cat([p.grad.flatten() for p in module.unet.parameters() if p.requires_grad]))
+        grads.append(torch.cat([p.grad.flatten() for p in module.policy.parameters() if p.requires_grad]))
     torch.testing.assert_close(
-        losses(reference, batch)["mse_w"], losses(switched, batch)["mse_w"], rtol=1e-4, atol=1e-6
+        losses(reference, batch).mse_w, losses(switched, batch).mse_w, rtol=1e-4, atol=1e-6
     )
     assert (grads[0] - grads[1]).norm() <= 1e-4 * grads[0].norm()
 
@@ -131,6 +131,4 @@ def test_compile_unet_matches_eager(tiny_model):
         out = losses(compiled, batch)
     except Exception as err:  # noqa: BLE001 - the reason is reported, as the README says
         pytest.skip(f"torch.compile does not run on this CPU: {type(err).__name__}: {str(err)[:200]}")
-    torch.testing.assert_close(
-        out["mse_w"], losses(make_module(tiny_model), batch)["mse_w"], rtol=1e-4, atol=1e-6
-    )
+    torch.testing.assert_close(out.mse_w, losses(make_module(tiny_model), batch).mse_w, rtol=1e-4, atol=1e-6)

@@ -17,11 +17,11 @@ class RecordReference(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if pl_module.uses_lora:
-            policy = lora.adapter_parameters(pl_module.unet, lora.POLICY)
-            reference = lora.adapter_parameters(pl_module.unet, lora.REFERENCE)
+            policy = lora.adapter_parameters(pl_module.policy, lora.POLICY)
+            reference = lora.adapter_parameters(pl_module.policy, lora.REFERENCE)
         else:
-            policy = dict(pl_module.unet.named_parameters())
-            reference = dict(pl_module.reference_unet.named_parameters())
+            policy = dict(pl_module.policy.named_parameters())
+            reference = dict(pl_module.reference.model.named_parameters())
         self.steps.append(
             {
                 "step": trainer.global_step,
@@ -75,7 +75,7 @@ def test_divergence_above_delta_freezes(tiny_model, tiny_data):
     callback = ReferenceModelUpdate(every_n_steps=2, max_divergence=0.005)
     module, steps = fit(tiny_model, tiny_data, callback, divergence=0.0051)
     assert callback.last_divergence == pytest.approx(0.0051) and callback.frozen and callback.num_updates == 0
-    initial = {k: v for k, v in module.initial_unet.named_parameters()}
+    initial = {k: v for k, v in module.reference.initial_model.named_parameters()}
     for s in steps:
         assert same(s["reference"], initial), "a frozen reference never moves"
     assert callback.last_event_step == 2

@@ -49,7 +49,9 @@ def step_losses(root: Path) -> dict[int, str]:
 
 def weights(module) -> dict[str, torch.Tensor]:
     return {
-        f"{n}.{k}": v for n in ("unet", "reference_unet") for k, v in getattr(module, n).state_dict().items()
+        f"{n}.{k}": v
+        for n, m in (("policy", module.policy), ("reference", module.reference.model))
+        for k, v in m.state_dict().items()
     }
 
 
@@ -74,7 +76,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tiny_model, tiny_data, tmp
     assert set(state["rng_states"]) == {"torch", "torch.cuda"}
     callback = next(v for k, v in state["callbacks"].items() if "ReferenceModelUpdate" in k)
     assert {"num_updates", "frozen", "last_divergence"} <= callback.keys()
-    assert any(k.startswith("reference_unet.") for k in state["state_dict"])
+    assert any(k.startswith("reference.model.") for k in state["state_dict"])
 
     resumed = fit(tiny_model, tiny_data, tmp_path, f"--ckpt_path={tmp_path / 'on_exception.ckpt'}")
     assert resumed.trainer.global_step == 8

@@ -40,7 +40,7 @@ def test_conditioning_matches_the_sdxl_pipeline_and_carries_each_images_crop(tin
     torch.manual_seed(0)
     transform = PairTransform(32, random_crop=True, random_flip=False)
     batch = cropped_pairs(transform, [((48, 40), (32, 32)), ((32, 64), (80, 32))])
-    _, _, cond = module.encode_batch(batch)
+    _, _, cond = module.backbone.encode_batch(batch)
 
     embeds, _, pooled, _ = module.build_pipeline().encode_prompt(
         batch["caption"], device="cpu", do_classifier_free_guidance=False
@@ -58,8 +58,8 @@ def test_conditioning_matches_the_sdxl_pipeline_and_carries_each_images_crop(tin
 
     other_crop = {**batch, "crop_top_left": batch["crop_top_left"] + 1}
     t = torch.tensor([500, 500])
-    a = module.preference_step(batch, t, generator=torch.Generator().manual_seed(0))["mse_w"]
-    b = module.preference_step(other_crop, t, generator=torch.Generator().manual_seed(0))["mse_w"]
+    a = module.preference_step(batch, t, generator=torch.Generator().manual_seed(0)).mse_w
+    b = module.preference_step(other_crop, t, generator=torch.Generator().manual_seed(0)).mse_w
     assert not torch.allclose(a, b), "the crop coordinates reach the UNet"
 
 
@@ -67,7 +67,7 @@ def test_a_bfloat16_reference_sees_the_exact_sizes_and_crop(tiny_sdxl):
     """bf16 rounds 1023 to 1024: the time ids must reach every UNet in float32."""
     module = sdxl(tiny_sdxl, frozen_dtype="bfloat16", micro_conditioning="per_image")
     seen = []
-    module.reference_unet.add_time_proj.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    module.reference.model.add_time_proj.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
     batch = {
         "caption": ["x"],
         "pixel_values": torch.zeros(1, 6, 32, 32),
@@ -83,7 +83,7 @@ def test_fixed_micro_conditioning_is_the_default(tiny_sdxl):
     """Diffusion-DPO's SDXL training: (res, res, 0, 0, res, res) for every image, whatever its size."""
     module = sdxl(tiny_sdxl, lora_rank=2)
     seen = []
-    module.unet.add_time_proj.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    module.policy.add_time_proj.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
     batch = cropped_pairs(PairTransform(32, random_crop=True), [((48, 40), (32, 64))])
     module.preference_step(batch, torch.tensor([500]))
     assert seen[-1].tolist() == [32, 32, 0, 0, 32, 32] * 2
@@ -96,10 +96,12 @@ def test_fixed_micro_conditioning_is_the_default(tiny_sdxl):
 def test_per_image_batches_without_crop_information_are_refused(tiny_sdxl):
     module = sdxl(tiny_sdxl, lora_rank=2, micro_conditioning="per_image")
     with pytest.raises(KeyError, match="original_size and crop_top_left"):
-        module.encode_batch({"caption": ["x"], "pixel_values": torch.zeros(1, 6, 32, 32)})
+        module.backbone.encode_batch({"caption": ["x"], "pixel_values": torch.zeros(1, 6, 32, 32)})
     old_layout = {"original_size": torch.zeros(1, 2), "crop_top_left": torch.zeros(1, 2)}
     with pytest.raises(ValueError, match="rebuild the latent cache"):
-        module.encode_batch({"caption": ["x"], "pixel_values": torch.zeros(1, 6, 32, 32), **old_layout})
+        module.backbone.encode_batch(
+            {"caption": ["x"], "pixel_values": torch.zeros(1, 6, 32, 32), **old_layout}
+        )
 
 
 def test_sd15_model_is_refused_by_the_sdxl_module(tiny_model):
@@ -110,29 +112,29 @@ def test_sd15_model_is_refused_by_the_sdxl_module(tiny_model):
 @pytest.mark.parametrize("module_kwargs", [{}, {"lora_rank": 2}], ids=["full", "lora"])
 def test_training_steps_and_reference_update(tiny_sdxl, tiny_data, module_kwargs):
     module = sdxl(tiny_sdxl, learning_rate=0.01, **module_kwargs)
-    initial = unet_weights(module.unet)
+    initial = unet_weights(module.policy)
     callback = ReferenceModelUpdate(every_n_steps=1)
     trainer = fit_tiny(module, tiny_data, max_steps=2, callbacks=[callback])
     assert trainer.global_step == 2 and callback.num_updates == 2
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert any(not torch.equal(v, initial[k]) for k, v in module.unet.state_dict().items())
+    assert any(not torch.equal(v, initial[k]) for k, v in module.policy.state_dict().items())
     if module.uses_lora:
-        reference = lora.adapter_parameters(module.unet, lora.REFERENCE)
-        policy = lora.adapter_parameters(module.unet, lora.POLICY)
+        reference = lora.adapter_parameters(module.policy, lora.REFERENCE)
+        policy = lora.adapter_parameters(module.policy, lora.POLICY)
     else:
         reference, policy = (
-            dict(module.reference_unet.named_parameters()),
-            dict(module.unet.named_parameters()),
+            dict(module.reference.model.named_parameters()),
+            dict(module.policy.named_parameters()),
         )
     assert all(torch.equal(reference[k], p) for k, p in policy.items()), "reference <- policy at step 2"
-    assert not any(k.startswith("text_encoder_2.") for k in module.trainable_and_reference_keys())
+    assert not any(k.startswith("text_encoder_2.") for k in module.checkpoint_keys())
 
 
 def test_latent_cache_holds_both_embeddings_the_pooled_one_and_the_crop(tiny_sdxl, tiny_data, tmp_path):
     module = sdxl(tiny_sdxl, lora_rank=2)
     data = PreferenceDataModule(dataset_name="parquet", data_files=tiny_data, resolution=32, num_workers=0)
     pairs = data.load_pairs("train", 3, PairTransform(32, random_crop=False, random_flip=False))
-    cache = write_latent_cache(module, {"train": pairs}, tmp_path / "cache", batch_size=2)
+    cache = write_latent_cache(module.backbone, {"train": pairs}, tmp_path / "cache", batch_size=2)
     empty = load_empty_prompt(cache)
     assert set(empty) == {"encoder_hidden_states", "text_embeds"}
 
@@ -148,7 +150,7 @@ def test_latent_cache_holds_both_embeddings_the_pooled_one_and_the_crop(tiny_sdx
     torch.manual_seed(0)
     b = module.preference_step(cached, t, generator=torch.Generator().manual_seed(0))
     for key in ("mse_w", "mse_l", "ref_mse_w", "ref_mse_l"):
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-4, atol=1e-6)
 
     dropped = CachedPreferenceCollator(empty)([{**row, "drop_caption": True} for row in rows[:1]])
     assert torch.equal(dropped["text_embeds"][0], empty["text_embeds"])

@@ -259,9 +259,11 @@ def test_training_on_shipped_latents_skips_the_vae(tmp_path, monkeypatch):
     batch = next(iter(data.train_dataloader()))
     assert batch["latents_w"].shape == (4, 4, 8, 8) and "pixel_values" not in batch
     module = DiffusionDPOModule(str(ASSETS / "model"))
-    monkeypatch.setattr(module.vae, "encode", lambda *a, **k: pytest.fail("the VAE encoder was called"))
-    latents_w, latents_l, _ = module.encode_batch(batch)
-    scale = module.vae.config.scaling_factor
+    monkeypatch.setattr(
+        module.backbone.vae, "encode", lambda *a, **k: pytest.fail("the VAE encoder was called")
+    )
+    latents_w, latents_l, _ = module.backbone.encode_batch(batch)
+    scale = module.backbone.vae.config.scaling_factor
     assert torch.allclose(latents_w, batch["latents_w"] * scale) and torch.allclose(
         latents_l, batch["latents_l"] * scale
     )

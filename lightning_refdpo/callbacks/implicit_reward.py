@@ -1,18 +1,33 @@
 """``ImplicitRewardByTimestep``: the implicit reward and its accuracy per timestep interval.
 
-The analysis of arXiv 2505.18736, Figure 2 (b, c): on validation pairs, the Diffusion-DPO margin
-``h`` (without ``lambda(t)``) and the implicit accuracy ``mean(h > 0)`` for ``num_intervals`` equal
-intervals of ``t``; it shows where along the denoising chain the policy has learned the preference.
+The analysis of arXiv 2505.18736, Figure 2 (b, c): on validation pairs, the margin ``h`` of the
+training loss (times ``lambda(t)`` when ``model.reward_scale`` is on) and the implicit accuracy
+``mean(h > 0)`` (ties count 1/2, as ``val/implicit_acc``) for ``num_intervals`` equal intervals of
+``t``; it shows where along the denoising chain the policy has learned the preference.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+from lightning_refdpo.backbones import Backbone
+from lightning_refdpo.batch import PreferenceBatch, PreferenceStepOutput
+
+
+class PreferenceStepper(Protocol):
+    """What :class:`ImplicitRewardByTimestep` needs from the LightningModule besides Lightning's
+    own API (``DiffusionDPOModule`` provides it)."""
+
+    backbone: Backbone
+
+    def preference_step(
+        self, batch: PreferenceBatch, timesteps: torch.Tensor, generator: torch.Generator | None = None
+    ) -> PreferenceStepOutput: ...
 
 
 class ImplicitRewardByTimestep(Callback):
@@ -45,7 +60,7 @@ class ImplicitRewardByTimestep(Callback):
     def on_validation_batch_end(
         self,
         trainer: Trainer,
-        pl_module: LightningModule,
+        pl_module: PreferenceStepper,
         outputs: Any,
         batch: Any,
         batch_idx: int,
@@ -54,15 +69,20 @@ class ImplicitRewardByTimestep(Callback):
         if trainer.sanity_checking or not batch["caption"]:
             return
         num_pairs = len(batch["caption"])
-        for k, (lo, hi) in enumerate(self.intervals(pl_module.noise_scheduler.config.num_train_timesteps)):
+        for k, (lo, hi) in enumerate(self.intervals(pl_module.backbone.num_train_timesteps)):
             timesteps = torch.randint(lo, hi, (num_pairs,), generator=self.generator)
-            out = pl_module.preference_step(batch, timesteps, generator=self.generator)
-            margin = out["reward_margin"].double().cpu()
+            margin = pl_module.preference_step(batch, timesteps, generator=self.generator).reward_margin
+            if margin is None:
+                raise ValueError(
+                    f"ImplicitRewardByTimestep needs a reference model; model.loss_type "
+                    f"{pl_module.hparams.loss_type!r} has none: remove the callback or use a DPO loss"
+                )
+            margin = margin.double().cpu()
             self.margin_sum[k] += margin.sum()
-            self.correct[k] += (margin > 0).sum()
+            self.correct[k] += (margin > 0).sum() + 0.5 * (margin == 0).sum()
             self.count[k] += num_pairs
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: PreferenceStepper) -> None:
         if trainer.sanity_checking:
             return
         totals = trainer.strategy.reduce(
@@ -71,7 +91,7 @@ class ImplicitRewardByTimestep(Callback):
         margin_sum, correct, count = totals.cpu()
         if count.sum() == 0:
             return
-        intervals = self.intervals(pl_module.noise_scheduler.config.num_train_timesteps)
+        intervals = self.intervals(pl_module.backbone.num_train_timesteps)
         mean_reward = (margin_sum / count.clamp(min=1)).tolist()
         accuracy = (correct / count.clamp(min=1)).tolist()
         for (lo, hi), reward, acc in zip(intervals, mean_reward, accuracy, strict=True):

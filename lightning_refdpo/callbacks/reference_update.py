@@ -9,14 +9,29 @@ initial model, in which case the reference freezes for the rest of training (or,
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from lightning_refdpo.batch import PreferenceBatch
 from lightning_refdpo.data.draws import hash_seed
+from lightning_refdpo.reference import ReferenceStrategy
 
 ON_EXCEED = ("freeze", "reinit")
+
+
+class UpdatableReference(Protocol):
+    """What :class:`ReferenceModelUpdate` needs from the LightningModule besides Lightning's own
+    API (``DiffusionDPOModule`` provides it)."""
+
+    policy: torch.nn.Module
+    reference: ReferenceStrategy
+    hparams: Any
+
+    def estimate_divergence(
+        self, batch: PreferenceBatch, num_samples: int, candidate: str, *, sample_seeds: list[int]
+    ) -> torch.Tensor: ...
 
 
 class ReferenceModelUpdate(Callback):
@@ -50,7 +65,7 @@ class ReferenceModelUpdate(Callback):
     Args:
         every_n_steps: ``tau``, optimizer steps between update events (16, 32 or 64 in the paper).
         alpha: mixing weight of the soft update; only ``1.0`` with LoRA (see
-            ``DiffusionDPOModule.update_reference``) or with a 16-bit reference (``frozen_dtype``),
+            ``reference.LoRAReference``) or with a 16-bit reference (``frozen_dtype``),
             whose rounding would swallow small soft steps.
         max_divergence: ``delta``; ``None`` updates without a cap.
         on_exceed: ``"freeze"`` (the paper's method) or ``"reinit"``.
@@ -96,17 +111,18 @@ class ReferenceModelUpdate(Callback):
         self.last_divergence = math.nan
         self.last_event_step = 0
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: UpdatableReference, stage: str) -> None:
         if stage != "fit" or self.alpha == 1.0:
             return
-        if pl_module.uses_lora:
+        if pl_module.reference.uses_lora:
             raise ValueError(
                 f"ReferenceModelUpdate.alpha={self.alpha} is a soft update, which is not exact on LoRA factors; "
                 "use alpha: 1.0 with LoRA, or full fine-tuning (lora_rank: null) for a soft update"
             )
-        if pl_module.reference_dtype.itemsize < 4:
+        dtype = pl_module.reference.dtype(pl_module.policy)
+        if dtype.itemsize < 4:
             raise ValueError(
-                f"ReferenceModelUpdate.alpha={self.alpha} with a {pl_module.reference_dtype} reference "
+                f"ReferenceModelUpdate.alpha={self.alpha} with a {dtype} reference "
                 f"(model.frozen_dtype: {pl_module.hparams.frozen_dtype}): 16-bit rounding would swallow "
                 "the small steps of a soft update; use frozen_dtype: null (or float32), or alpha: 1.0"
             )
@@ -130,12 +146,13 @@ class ReferenceModelUpdate(Callback):
             pairs = [(trainer.global_rank, i) for i in range(num_samples)]
         return [hash_seed(self.seed, step, *pair) for pair in pairs]
 
-    def update(self, trainer: Trainer, pl_module: LightningModule, batch: dict[str, Any]) -> None:
+    def update(self, trainer: Trainer, pl_module: UpdatableReference, batch: PreferenceBatch) -> None:
         """One update event: form the candidate, estimate its divergence, then keep, freeze or reset."""
         was_training = pl_module.training
         pl_module.eval()
-        previous = pl_module.reference_state()
-        pl_module.update_reference(self.alpha)
+        reference, policy = pl_module.reference, pl_module.policy
+        previous = reference.state(policy)
+        reference.update(policy, self.alpha)
         num_samples = min(self.divergence_samples, len(batch["caption"]))
         divergence_sum = torch.zeros((), device=pl_module.device)
         if num_samples:
@@ -146,18 +163,18 @@ class ReferenceModelUpdate(Callback):
         totals = torch.stack([divergence_sum, torch.tensor(float(num_samples), device=pl_module.device)])
         divergence_sum, num_samples = trainer.strategy.reduce(totals, reduce_op="sum").tolist()
         if not num_samples:  # no decodable winner on any rank: no event
-            pl_module.load_reference_state(previous)
+            reference.load_state(policy, previous)
             return
         self.last_divergence = divergence_sum / num_samples
 
         if self.max_divergence is None or self.last_divergence <= self.max_divergence:
             self.num_updates += 1
         else:
-            pl_module.load_reference_state(previous)
+            reference.load_state(policy, previous)
             if self.on_exceed == "freeze":
                 self.frozen = True
             else:
-                pl_module.reset_reference()
+                reference.reset(policy)
                 self.num_reinits += 1
         pl_module.log_dict(
             {

@@ -3,12 +3,12 @@
 Only what does not change from step to step can be cached (METHOD.md section 5): the VAE posterior
 ``q(z | x)`` of each image and the text embedding of each caption. The cache stores the posterior's
 mean and std, not a latent sample, so cached training draws ``z = mean + std * eps`` exactly as
-uncached training does (``DiffusionDPOModule.sample_latents``); t, the noise and every model
+uncached training does (``Backbone.sample_latents``); t, the noise and every model
 prediction are still computed at each step.
 
 Layout of a cache folder: one ``datasets`` Arrow folder per split (``train/``, ``validation/``) with
 columns ``caption``, ``latents_mean_w``, ``latents_std_w``, ``latents_mean_l``, ``latents_std_l``,
-one column per output of the module's ``encode_prompts`` (``encoder_hidden_states``; SDXL adds the
+one column per output of the backbone's ``encode_prompts`` (``encoder_hidden_states``; SDXL adds the
 pooled ``text_embeds``) and the ``(2, 2)`` ``original_size`` and ``crop_top_left`` of winner and
 loser (SDXL's per-image micro-conditioning); ``empty_prompt.safetensors`` (the embeddings of
 ``""`` used for caption dropout) and ``cache.json`` (model and VAE ids, splits, dtype). Images
@@ -39,21 +39,22 @@ EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 
 
 @torch.no_grad()
-def encode_pairs(module: Any, pairs: PreferencePairs, batch_size: int) -> Iterator[dict[str, Any]]:
-    """Rows of the cache for every decodable pair, encoded with the module's VAE and text encoder."""
+def encode_pairs(backbone: Any, pairs: PreferencePairs, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Rows of the cache for every decodable pair, encoded with the VAE and text encoders of
+    ``backbone`` (a ``lightning_refdpo.backbones.Backbone``)."""
     loader = torch.utils.data.DataLoader(pairs, batch_size=batch_size, collate_fn=PreferenceCollator())
     for batch in loader:
         if not batch["caption"]:
             continue
-        pixels = batch["pixel_values"].to(module.device)
-        mean, std = module.latent_distribution(torch.cat([pixels[:, :3], pixels[:, 3:]]))
+        pixels = batch["pixel_values"].to(backbone.device)
+        mean, std = backbone.latent_distribution(torch.cat([pixels[:, :3], pixels[:, 3:]]))
         (mean_w, mean_l), (std_w, std_l) = mean.chunk(2), std.chunk(2)
         columns = {
             "latents_mean_w": mean_w,
             "latents_std_w": std_w,
             "latents_mean_l": mean_l,
             "latents_std_l": std_l,
-            **module.encode_prompts(batch["caption"]),
+            **backbone.encode_prompts(batch["caption"]),
         }
         for i, caption in enumerate(batch["caption"]):
             row = {k: v[i].float().cpu().numpy() for k, v in columns.items()}
@@ -62,13 +63,13 @@ def encode_pairs(module: Any, pairs: PreferencePairs, batch_size: int) -> Iterat
 
 
 def write_latent_cache(
-    module: Any, splits: dict[str, PreferencePairs], output: str | Path, batch_size: int = 8
+    backbone: Any, splits: dict[str, PreferencePairs], output: str | Path, batch_size: int = 8
 ) -> Path:
     """Encode each split of preference pairs and save the cache folder ``output``."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     for name, pairs in splits.items():
-        rows = encode_pairs(module, pairs, batch_size)
+        rows = encode_pairs(backbone, pairs, batch_size)
         first = next(rows)
         features = datasets.Features(
             {
@@ -88,11 +89,11 @@ def write_latent_cache(
         )
         split.save_to_disk(str(output / name))
         shutil.rmtree(build, ignore_errors=True)
-    empty_prompt = {k: v[0].float().cpu().contiguous() for k, v in module.encode_prompts([""]).items()}
+    empty_prompt = {k: v[0].float().cpu().contiguous() for k, v in backbone.encode_prompts([""]).items()}
     save_file(empty_prompt, str(output / EMPTY_PROMPT_FILE))
     meta = {
-        "model": module.hparams.pretrained_model_name_or_path,
-        "vae": module.hparams.vae_name_or_path,
+        "model": backbone.pretrained_model_name_or_path,
+        "vae": backbone.vae_name_or_path,
         "splits": list(splits),
         "dtype": "float32",
     }

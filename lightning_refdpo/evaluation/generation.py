@@ -98,13 +98,13 @@ def load_pipeline(model: str, device: str, base_model: str | None = None) -> tup
     scheduler; the module comes back as the second value, for its initial model), an export folder
     of ``lightning-refdpo export`` or a diffusers pipeline folder / hub id (second value ``None``).
     ``base_model`` replaces the base model that a checkpoint or export names."""
-    from lightning_refdpo.export import base_scheduler, load_module, pipeline_from_export
+    from lightning_refdpo.sources import load_module, pipeline_from_export
 
     if model.endswith(".ckpt"):
         module = load_module(model, **({"pretrained_model_name_or_path": base_model} if base_model else {}))
         module = module.to(device)
         pipeline = module.build_pipeline()
-        pipeline.scheduler = base_scheduler(module)
+        pipeline.scheduler = module.backbone.base_scheduler()
         return pipeline, module
     return pipeline_from_export(model, base_model=base_model).to(device), None
 
@@ -121,10 +121,15 @@ def in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[torch.nn.M
         module.to(original)
 
 
-def same_components(pipeline: Any, unet: torch.nn.Module) -> Any:
+def denoiser_name(pipeline: Any) -> str:
+    """The pipeline's denoiser component: ``transformer`` (SD3) or ``unet``."""
+    return "transformer" if "transformer" in pipeline.components else "unet"
+
+
+def same_components(pipeline: Any, denoiser: torch.nn.Module) -> Any:
     """A pipeline of ``pipeline``'s class over its components (VAE, text encoders, tokenizers,
-    scheduler, safety checker, ...) with ``unet`` instead of its UNet, without the watermark."""
-    other = type(pipeline)(**{**pipeline.components, "unet": unet})
+    scheduler, safety checker, ...) with ``denoiser`` instead of its own, without the watermark."""
+    other = type(pipeline)(**{**pipeline.components, denoiser_name(pipeline): denoiser})
     if hasattr(other, "watermark"):
         other.watermark = None
     if "requires_safety_checker" in pipeline.config:
@@ -192,9 +197,10 @@ def comparison_pipelines(
     @contextmanager
     def baseline_side() -> Iterator[Any]:
         if baseline is not None:
-            yield same_components(pipeline, load_pipeline(baseline, str(device))[0].unet.to(dtype))
+            other = load_pipeline(baseline, str(device))[0]
+            yield same_components(pipeline, getattr(other, denoiser_name(other)).to(dtype))
             return
-        with module.initial_model() as unet:
-            yield same_components(pipeline, unet.to(dtype))
+        with module.reference.initial(module.policy) as denoiser:
+            yield same_components(pipeline, denoiser.to(dtype))
 
     return {"model": model_side, "baseline": baseline_side}

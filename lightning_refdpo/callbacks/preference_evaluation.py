@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, Trainer
 
+from lightning_refdpo.backbones import Backbone
 from lightning_refdpo.evaluation import (
     GenerationConfig,
     compare,
@@ -20,9 +21,20 @@ from lightning_refdpo.evaluation import (
     score,
 )
 from lightning_refdpo.evaluation.generation import sampler_config
-from lightning_refdpo.export import base_scheduler
 from lightning_refdpo.metrics import RewardScore
 from lightning_refdpo.prompts import load_prompts
+from lightning_refdpo.reference import ReferenceStrategy
+
+
+class PipelineSource(Protocol):
+    """What :class:`PreferenceEvaluation` needs from the LightningModule besides Lightning's own
+    API (``DiffusionDPOModule`` provides it)."""
+
+    policy: torch.nn.Module
+    reference: ReferenceStrategy
+    backbone: Backbone
+
+    def build_pipeline(self, denoiser: torch.nn.Module | None = None) -> Any: ...
 
 
 class PreferenceEvaluation(Callback):
@@ -90,18 +102,18 @@ class PreferenceEvaluation(Callback):
         self.baseline_images: torch.Tensor | None = None
         self.last_step = -1
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: PipelineSource, stage: str) -> None:
         prompts = self.prompts if isinstance(self.prompts, list) else load_prompts(self.prompts)
         self.items = evaluation_items(prompts[: self.max_prompts], self.seeds)
         self.config = sampler_config(
             pl_module.build_pipeline(), self.resolution, self.batch_size, **self.sampler
         )
         if self.config.scheduler is None:
-            self.config.scheduler = type(base_scheduler(pl_module)).__name__
+            self.config.scheduler = type(pl_module.backbone.base_scheduler()).__name__
         for scorer in self.scorers.values():
             scorer.to(pl_module.device)
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: PipelineSource) -> None:
         if trainer.sanity_checking:
             return
         step = trainer.global_step
@@ -115,13 +127,13 @@ class PreferenceEvaluation(Callback):
         for name, value in metrics.items():
             pl_module.log(name, value)
 
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: PipelineSource) -> None:
         if self.last_step != trainer.global_step:
             metrics = self.evaluate(trainer, pl_module)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
 
-    def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+    def evaluate(self, trainer: Trainer, pl_module: PipelineSource) -> dict[str, float]:
         """Generate, score and log one evaluation; returns the scalar figures."""
         self.last_step = trainer.global_step
         shard = self.items[trainer.global_rank :: trainer.world_size]
@@ -130,9 +142,10 @@ class PreferenceEvaluation(Callback):
         pl_module.eval()
         with trainer.precision_plugin.forward_context():
             if self.baseline_scores is None:
-                policy_dtype = next(pl_module.unet.parameters()).dtype
-                with pl_module.initial_model() as unet, in_dtype(unet, policy_dtype):
-                    images = generate(pl_module.build_pipeline(unet), shard, self.config)
+                policy_dtype = next(pl_module.policy.parameters()).dtype
+                initial = pl_module.reference.initial(pl_module.policy)
+                with initial as denoiser, in_dtype(denoiser, policy_dtype):
+                    images = generate(pl_module.build_pipeline(denoiser), shard, self.config)
                 self.baseline_scores = score(self.scorers, images, prompts)
                 self.baseline_images = images[: self.grid_size]
             images = generate(pl_module.build_pipeline(), shard, self.config)
