@@ -1,4 +1,5 @@
-"""Two peft LoRA adapters on one UNet: the trained ``policy`` and the ``reference`` (METHOD.md section 2).
+"""Two peft LoRA adapters on one UNet: the trained ``policy`` and the ``reference`` of the reference
+update (arXiv 2505.18736, Sec. 4.1; see docs/METHOD.md).
 
 With the adapters disabled the UNet is the initial model, so policy, reference and initial model
 cost one UNet. peft's ``set_adapter`` also flips ``requires_grad``; :func:`use_adapter` activates

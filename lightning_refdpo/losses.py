@@ -1,4 +1,5 @@
-"""Preference losses on the Diffusion-DPO implicit reward margin (METHOD.md section 1).
+"""Preference losses on the Diffusion-DPO implicit reward margin (Wallace et al. 2024, Eq. 14; the
+reward scale of arXiv 2505.18736, Sec. 4.2). See docs/METHOD.md for every formula.
 
 Every function here is a pure function of per-sample tensors, so it can be tested without a model.
 ``mse_*`` arguments are per-sample prediction errors ``mean ||target - m(x_t, t, c)||^2`` of shape

@@ -1,4 +1,4 @@
-"""Timestep-aware optimization (arXiv 2505.18736, Sec. 4.2; METHOD.md section 3).
+"""Timestep-aware optimization (arXiv 2505.18736, Sec. 4.2; see docs/METHOD.md).
 
 Two pieces: the training-timestep samplers (uniform, as in Diffusion-DPO, and the discounted
 sampler that oversamples the noisy early denoising steps) and the reward scale ``lambda(t)``.
@@ -24,7 +24,7 @@ def reward_scale_schedule(
     """``lambda(t) = 1 + norm(s(t))`` with ``s(t) = 1 / sqrt(SNR(t)) = sqrt((1 - abar_t) / abar_t)``.
 
     ``norm`` is the min-max normalisation over ``t = 0 .. T-1``, so ``lambda`` rises from 1 at the
-    cleanest step to 2 at the noisiest (METHOD.md 3b). ``alphas_cumprod`` is the scheduler's
+    cleanest step to 2 at the noisiest (arXiv 2505.18736, Sec. 4.2). ``alphas_cumprod`` is the scheduler's
     ``abar_t`` for every training timestep, shape ``(T,)``.
 
     Zero terminal SNR (``abar_{T-1} = 0``, diffusers' ``rescale_betas_zero_snr``) makes ``s`` infinite
@@ -68,7 +68,7 @@ class UniformTimestepSampler(TimestepSampler):
 
 
 class DiscountedTimestepSampler(TimestepSampler):
-    """Oversamples the early (high-noise) denoising steps (METHOD.md 3a).
+    """Oversamples the early (high-noise) denoising steps (arXiv 2505.18736, Sec. 4.2).
 
     The ``T`` timesteps are split into ``num_bins`` equal intervals, bin 0 holding the noisiest
     (``t`` near ``T-1``). Bin ``k`` is drawn with probability ``gamma^k / sum_j gamma^j``, then ``t``

@@ -1,9 +1,9 @@
 """``ReferenceModelUpdate``: move the DPO reference towards the policy under a divergence cap.
 
-arXiv 2505.18736, Sec. 4.1 (METHOD.md section 2): every ``tau`` optimizer steps the reference is
-replaced by the current policy, unless the candidate has drifted further than ``delta`` from the
-initial model, in which case the reference freezes for the rest of training (or, for the paper's
-"Re-Init" ablation, is reset to the initial model).
+arXiv 2505.18736, Sec. 4.1 and Eq. 8 (see docs/METHOD.md): every ``tau`` optimizer steps the
+reference is replaced by the current policy, unless the candidate has drifted further than ``delta``
+from the initial model, in which case the reference freezes for the rest of training (or, for the
+paper's "Re-Init" ablation, is reset to the initial model).
 """
 
 from __future__ import annotations

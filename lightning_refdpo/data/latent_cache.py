@@ -1,10 +1,11 @@
 """A cache of VAE posteriors and text embeddings, so training skips the VAE and text encoder.
 
-Only what does not change from step to step can be cached (METHOD.md section 5): the VAE posterior
-``q(z | x)`` of each image and the text embedding of each caption. The cache stores the posterior's
-mean and std, not a latent sample, so cached training draws ``z = mean + std * eps`` exactly as
-uncached training does (``Backbone.sample_latents``); t, the noise and every model
-prediction are still computed at each step.
+Only what does not change from step to step can be cached: the Diffusion-DPO loss (Wallace et al.
+2024, Eq. 14) draws a new ``t`` and noise at every step (see docs/METHOD.md, "Implementation
+notes"), so the cache holds the VAE posterior ``q(z | x)`` of each image and the text embedding of
+each caption. It stores the posterior's mean and std, not a latent sample, so cached training draws
+``z = mean + std * eps`` exactly as uncached training does (``Backbone.sample_latents``);
+t, the noise and every model prediction are still computed at each step.
 
 Layout of a cache folder: one ``datasets`` Arrow folder per split (``train/``, ``validation/``) with
 columns ``caption``, ``latents_mean_w``, ``latents_std_w``, ``latents_mean_l``, ``latents_std_l``,
