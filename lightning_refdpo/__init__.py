@@ -8,6 +8,7 @@ from lightning_refdpo.module import DiffusionDPOModule
 from lightning_refdpo.sdxl import StableDiffusionXLDPOModule
 from lightning_refdpo.timesteps import (
     DiscountedTimestepSampler,
+    LogitNormalTimestepSampler,
     TimestepSampler,
     UniformTimestepSampler,
     reward_scale_schedule,
@@ -16,6 +17,7 @@ from lightning_refdpo.timesteps import (
 __all__ = [
     "DiffusionDPOModule",
     "DiscountedTimestepSampler",
+    "LogitNormalTimestepSampler",
     "PreferenceDataModule",
     "ReferenceModelUpdate",
     "StableDiffusionXLDPOModule",
