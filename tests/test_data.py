@@ -6,8 +6,8 @@ from PIL import Image
 
 from lightning_refdpo.data import PairTransform, PreferenceCollator, PreferenceDataModule, PreferencePairs
 from lightning_refdpo.data.draws import PairDraws
-from lightning_refdpo.timesteps import DiscountedTimestepSampler, UniformTimestepSampler
 from lightning_refdpo.testing import encode_image
+from lightning_refdpo.timesteps import DiscountedTimestepSampler, UniformTimestepSampler
 
 
 def solid(colour, size=(40, 32)) -> bytes:
