@@ -9,6 +9,7 @@ from lightning_refdpo.sdxl import StableDiffusionXLDPOModule
 from lightning_refdpo.sources import pipeline_from_export
 from lightning_refdpo.timesteps import (
     DiscountedTimestepSampler,
+    LogitNormalTimestepSampler,
     TimestepSampler,
     UniformTimestepSampler,
     reward_scale_schedule,
@@ -17,6 +18,7 @@ from lightning_refdpo.timesteps import (
 __all__ = [
     "DiffusionDPOModule",
     "DiscountedTimestepSampler",
+    "LogitNormalTimestepSampler",
     "PreferenceDataModule",
     "ReferenceModelUpdate",
     "StableDiffusionXLDPOModule",

@@ -36,6 +36,13 @@ def tiny_sdxl(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> str:
+    from lightning_refdpo.testing import save_tiny_sd3
+
+    return str(save_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3") / "model"))
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, str]:
     from lightning_refdpo.testing import save_random_preference_set
 

@@ -5,6 +5,8 @@ python -m lightning_refdpo.testing .tiny   # writes .tiny/model and .tiny/data/{
 
 from lightning_refdpo.testing.models import (
     save_byte_level_clip_tokenizer,
+    save_character_t5_tokenizer,
+    save_tiny_sd3,
     save_tiny_sdxl,
     save_tiny_stable_diffusion,
 )
@@ -13,7 +15,9 @@ from lightning_refdpo.testing.preferences import encode_image, save_random_prefe
 __all__ = [
     "encode_image",
     "save_byte_level_clip_tokenizer",
+    "save_character_t5_tokenizer",
     "save_random_preference_set",
+    "save_tiny_sd3",
     "save_tiny_sdxl",
     "save_tiny_stable_diffusion",
 ]
