@@ -250,7 +250,7 @@ def peak_memory(kind: str, model: str, cache: Path, pairs: int, steps: int) -> i
         from peft import LoraConfig
         from transformers import CLIPTextModel
 
-        from lightning_refdpo.module import DEFAULT_LORA_TARGETS
+        from lightning_refdpo.backbones import StableDiffusionBackbone
 
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").requires_grad_(False)
         vae = AutoencoderKL.from_pretrained(model, subfolder="vae")  # resident, as in the module
@@ -261,7 +261,7 @@ def peak_memory(kind: str, model: str, cache: Path, pairs: int, steps: int) -> i
                 r=LORA_RANK,
                 lora_alpha=LORA_RANK,
                 init_lora_weights="gaussian",
-                target_modules=list(DEFAULT_LORA_TARGETS),
+                target_modules=list(StableDiffusionBackbone.default_lora_targets),
             )
         )
         optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=LEARNING_RATE)

@@ -55,14 +55,11 @@ def merged_policy(module: DiffusionDPOModule) -> torch.nn.Module:
 
 def save_lora(module: DiffusionDPOModule, output: str | Path) -> Path:
     """Write the ``policy`` adapter as ``pytorch_lora_weights.safetensors`` in the diffusers LoRA
-    format (peft state dict -> ``convert_state_dict_to_diffusers`` -> the pipeline class's
+    format (peft state dict -> the backbone's ``lora_layers`` -> the pipeline class's
     ``save_lora_weights``), with the adapter's ``LoraConfig`` as metadata so alpha is kept exactly."""
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(
-        get_peft_model_state_dict(module.policy, adapter_name=lora.POLICY)
-    )
+    layers = module.backbone.lora_layers(get_peft_model_state_dict(module.policy, adapter_name=lora.POLICY))
     layers = {k: v.detach().float().contiguous() for k, v in layers.items()}
     name = module.backbone.denoiser_name
     type(module.build_pipeline()).save_lora_weights(
@@ -139,6 +136,7 @@ def export_checkpoint(
         training_config=training_config.read_text() if training_config.is_file() else None,
         evaluation=results_table(results) if results else None,
         has_pipeline=pipeline,
+        denoiser_class=type(module.policy).__name__,
     )
     (output_dir / "README.md").write_text(card)
     print(f"exported the {weights} policy of {ckpt_path} to {output_dir}")

@@ -13,7 +13,11 @@ from lightning_refdpo.losses import LOSSES
 PAPER = "[Rethinking DPO in Diffusion Models](https://arxiv.org/abs/2505.18736)"
 
 
-def method_description(hparams: dict[str, Any], reference_state: dict[str, Any] | None) -> str:
+def method_description(
+    hparams: dict[str, Any],
+    reference_state: dict[str, Any] | None,
+    denoiser_class: str = "UNet2DConditionModel",
+) -> str:
     """One paragraph naming the objective and which of the paper's changes were used."""
     text = f"{LOSSES[hparams['loss_type']].title} (loss `{hparams['loss_type']}`, beta {hparams['beta']:g})"
     changes = []
@@ -30,12 +34,18 @@ def method_description(hparams: dict[str, Any], reference_state: dict[str, Any] 
     adapter = (
         f"LoRA rank {hparams['lora_rank']} (alpha {hparams['lora_alpha'] or hparams['lora_rank']})"
         if hparams.get("lora_rank")
-        else "full UNet fine-tuning"
+        else f"full fine-tuning of the {denoiser_class}"
     )
     return f"{text}. Trained with {adapter}."
 
 
-def usage_snippet(weights: str, base_model: str, pipeline_class: str, vae: str | None) -> str:
+def usage_snippet(
+    weights: str,
+    base_model: str,
+    pipeline_class: str,
+    vae: str | None,
+    denoiser_class: str = "UNet2DConditionModel",
+) -> str:
     """Python that loads the export with diffusers alone (every component in fp16: diffusers does
     not cast components passed to ``from_pretrained``)."""
     lines = ["import torch", f"from diffusers import {pipeline_class}"]
@@ -43,10 +53,10 @@ def usage_snippet(weights: str, base_model: str, pipeline_class: str, vae: str |
     if vae:
         lines[-1] += ", AutoencoderKL"
         components.append(f'vae=AutoencoderKL.from_pretrained("{vae}", torch_dtype=torch.float16)')
-    if weights == "unet":
-        lines[-1] += ", UNet2DConditionModel"
+    if weights != "lora":
+        lines[-1] += f", {denoiser_class}"
         components.append(
-            'unet=UNet2DConditionModel.from_pretrained("EXPORT_DIR", subfolder="unet", torch_dtype=torch.float16)'
+            f'{weights}={denoiser_class}.from_pretrained("EXPORT_DIR", subfolder="{weights}", torch_dtype=torch.float16)'
         )
     args = ", ".join([f'"{base_model}"', *components, "torch_dtype=torch.float16"])
     lines += ["", f"pipeline = {pipeline_class}.from_pretrained({args}).to('cuda')"]
@@ -69,20 +79,27 @@ def model_card(
     training_config: str | None = None,
     evaluation: str | None = None,
     has_pipeline: bool = False,
+    denoiser_class: str = "UNet2DConditionModel",
 ) -> str:
-    """The ``README.md`` text. ``weights`` is ``lora`` or ``unet``; ``evaluation`` a Markdown table
-    (``lightning_refdpo.evaluation.results_table``) or ``None``."""
-    sdxl = "XL" in pipeline_class
-    tags = ["text-to-image", "diffusers", "stable-diffusion-xl" if sdxl else "stable-diffusion"]
+    """The ``README.md`` text. ``weights`` is ``lora`` or the denoiser's subfolder (``unet``,
+    ``transformer``); ``evaluation`` a Markdown table (``lightning_refdpo.evaluation.results_table``)
+    or ``None``."""
+    family = {"StableDiffusionXL": "stable-diffusion-xl", "StableDiffusion3": "stable-diffusion-3"}
+    tag = next(
+        (tag for prefix, tag in family.items() if pipeline_class.startswith(prefix)), "stable-diffusion"
+    )
+    tags = ["text-to-image", "diffusers", tag]
     tags += ["lora"] if weights == "lora" else []
     tags += ["dpo", "diffusion-dpo", "lightning-refdpo"]
     files = (
         "`pytorch_lora_weights.safetensors`: the policy LoRA in the diffusers format"
         if weights == "lora"
-        else "`unet/`: the fine-tuned `UNet2DConditionModel` (safetensors)"
+        else f"`{weights}/`: the fine-tuned `{denoiser_class}` (safetensors)"
     )
     if has_pipeline:
-        files += "; `model_index.json` and the other folders: the whole pipeline, fine-tuned UNet included"
+        files += (
+            f"; `model_index.json` and the other folders: the whole pipeline, fine-tuned {weights} included"
+        )
     sections = [
         "---",
         f"base_model: {base_model}",
@@ -93,7 +110,7 @@ def model_card(
         "",
         f"# {base_model} fine-tuned on preferences",
         "",
-        method_description(hparams, reference_state),
+        method_description(hparams, reference_state, denoiser_class),
         f"Optimizer steps: {global_step}.",
         "",
         f"Files: {files}.",
@@ -101,7 +118,7 @@ def model_card(
         "## Use",
         "",
         "```python",
-        usage_snippet(weights, base_model, pipeline_class, vae),
+        usage_snippet(weights, base_model, pipeline_class, vae, denoiser_class),
         "```",
         "",
         "or `lightning_refdpo.pipeline_from_export(EXPORT_DIR)`.",

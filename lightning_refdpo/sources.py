@@ -96,13 +96,14 @@ def pipeline_from_export(
       given, casts it);
     - an export folder holding a whole pipeline: ``DiffusionPipeline.from_pretrained``;
     - an export folder with LoRA or UNet weights only: the base pipeline of ``export.json`` with the
-      LoRA loaded (``load_lora_weights``) or the UNet replaced;
+      LoRA loaded (``load_lora_weights``) or the denoiser (UNet, transformer) replaced;
     - any other diffusers pipeline folder or hub id.
 
     ``base_model`` replaces the base model a checkpoint or ``export.json`` names (a moved folder);
     ``from_pretrained_kwargs`` (``torch_dtype``, ``variant``, ...) go to ``from_pretrained``.
     """
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    import diffusers
+    from diffusers import AutoencoderKL, DiffusionPipeline
 
     from lightning_refdpo.hub import load_component
 
@@ -119,8 +120,10 @@ def pipeline_from_export(
     components = {}
     if info["vae"]:
         components["vae"] = load_component(AutoencoderKL, info["vae"], torch_dtype=dtype)
-    if info["weights"] == "unet":
-        components["unet"] = load_component(UNet2DConditionModel, str(path), "unet", torch_dtype=dtype)
+    if info["weights"] != "lora":  # the denoiser's subfolder: unet, transformer
+        denoiser = info["weights"]
+        cls = getattr(diffusers, json.loads((path / denoiser / "config.json").read_text())["_class_name"])
+        components[denoiser] = load_component(cls, str(path), denoiser, torch_dtype=dtype)
     kwargs = {"revision": info["revision"], "variant": info["variant"], **from_pretrained_kwargs}
     pipeline = load_component(DiffusionPipeline, base_model or info["base_model"], **components, **kwargs)
     if info["weights"] == "lora":

@@ -35,7 +35,7 @@ def inverse_sqrt_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 def normalized_reward_scale(
     inverse_sqrt_snrs: torch.Tensor, max_inverse_sqrt_snr: float | None = None
 ) -> torch.Tensor:
-    """``lambda = 1 + (min(s, c) - s_lo) / (c - s_lo)``, the min-max normalisation of METHOD.md 3b.
+    """``lambda = 1 + (min(s, c) - s_lo) / (c - s_lo)``, the min-max normalisation of arXiv 2505.18736, Sec. 4.2.
 
     ``s = 1 / sqrt(SNR)`` for every training timestep (shape ``(T,)``, ``+inf`` allowed),
     ``c = max_inverse_sqrt_snr`` or, without it, the largest finite ``s``, and ``s_lo`` the smallest

@@ -19,7 +19,12 @@ def make_module(model_path: str, module_class: type = DiffusionDPOModule, **kwar
 
 
 def fit_tiny(
-    module: DiffusionDPOModule, data_files: dict, max_steps: int, train_batch_size: int = 2, **trainer_kwargs
+    module: DiffusionDPOModule,
+    data_files: dict,
+    max_steps: int,
+    train_batch_size: int = 2,
+    ckpt_path: str | None = None,
+    **trainer_kwargs,
 ) -> Trainer:
     """Fit ``module`` for ``max_steps`` on the 32 px parquet pairs of ``data_files``: CPU, no
     validation, logger or checkpoints unless ``trainer_kwargs`` say otherwise."""
@@ -39,7 +44,7 @@ def fit_tiny(
         num_workers=0,
         train_batch_size=train_batch_size,
     )
-    trainer.fit(module, data)
+    trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer
 
 

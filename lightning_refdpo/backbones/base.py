@@ -193,9 +193,8 @@ class Backbone(torch.nn.Module, ABC):
         """The prediction of ``denoiser`` (policy, reference or initial model) at ``x_t``, in the
         denoiser's dtype."""
         dtype = next(denoiser.parameters()).dtype
-        out = denoiser(
-            noisy.to(dtype), self.denoiser_timesteps(timesteps), **self.denoiser_kwargs(cond, dtype)
-        )
+        kwargs = self.denoiser_kwargs(cond, dtype)
+        out = denoiser(noisy.to(dtype), timestep=self.denoiser_timesteps(timesteps), **kwargs)
         return out.sample
 
     # ------------------------------------------------------------------ generation and export
@@ -203,6 +202,13 @@ class Backbone(torch.nn.Module, ABC):
     def build_pipeline(self, denoiser: torch.nn.Module) -> Any:
         """A diffusers pipeline over these components and ``denoiser``, without safety checker or
         watermark, with a copy of the training scheduler."""
+
+    def lora_layers(self, peft_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A peft LoRA state dict of the denoiser in the layout the pipeline's ``load_lora_weights``
+        reads: for UNets the diffusers layout, as diffusers' LoRA training scripts save it."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        return convert_state_dict_to_diffusers(peft_state_dict)
 
     def base_scheduler(self) -> Any:
         """The base model's own sampler (e.g. ``EulerDiscreteScheduler`` for SDXL), not the training

@@ -22,7 +22,10 @@ import torch
 SAMPLERS = {
     "sd15": {"num_inference_steps": 50, "guidance_scale": 7.5, "scheduler": "DDIMScheduler"},
     "sdxl": {"num_inference_steps": 50, "guidance_scale": 5.0, "scheduler": None},
+    "sd3": {"num_inference_steps": 40, "guidance_scale": 4.5, "scheduler": None},
 }
+"""The evaluation samplers: Diffusion-DPO's for SD1.5 and SDXL; for SD3 the SD3.5 Medium model
+card's (40 steps, guidance 4.5, its own flow-matching Euler scheduler)."""
 
 
 @dataclass
@@ -39,7 +42,10 @@ class GenerationConfig:
 
 
 def model_family(pipeline: Any) -> str:
-    """``"sdxl"`` for a pipeline with a second text encoder, else ``"sd15"``."""
+    """``"sd3"`` for a pipeline with a transformer, ``"sdxl"`` for one with a second text encoder,
+    else ``"sd15"``."""
+    if "transformer" in pipeline.components:
+        return "sd3"
     return "sdxl" if getattr(pipeline, "text_encoder_2", None) is not None else "sd15"
 
 

@@ -1,0 +1,150 @@
+"""SD3 / SD3.5 (rectified flow) on a tiny SD3 built offline: the flow target against independent
+code, every loss, the reference update, the latent cache, export through diffusers' own API and
+an exact resume."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from lightning_refdpo import ReferenceModelUpdate, lora
+from lightning_refdpo.data import PreferenceDataModule
+from lightning_refdpo.data.latent_cache import CachedPreferenceCollator, load_empty_prompt, write_latent_cache
+from lightning_refdpo.data.preference import PairTransform, PreferenceCollator
+from lightning_refdpo.export import export_checkpoint
+from lightning_refdpo.losses import LOSS_TYPES
+from lightning_refdpo.sd3 import StableDiffusion3DPOModule
+from lightning_refdpo.sources import pipeline_from_export
+from tests.helpers import fit_tiny, make_batch, make_module
+
+
+def sd3(path: str, **kwargs) -> StableDiffusion3DPOModule:
+    return make_module(path, StableDiffusion3DPOModule, **kwargs)
+
+
+def images(pipeline, prompt: str = "a red square") -> np.ndarray:
+    generator = torch.Generator().manual_seed(0)
+    return pipeline(
+        prompt, num_inference_steps=2, guidance_scale=4.5, generator=generator, output_type="np"
+    ).images
+
+
+def test_flow_forward_process_target_and_timesteps_follow_the_rectified_flow_formula(tiny_sd3):
+    backbone = sd3(tiny_sd3).backbone
+    T, shift = 1000, backbone.noise_scheduler.config.shift
+    t = torch.tensor([0, 250, 999])
+    u = (t.double() + 1) / T
+    sigma = (shift * u / (1 + (shift - 1) * u)).float().view(-1, 1, 1, 1)
+    latents, noise = torch.randn(3, 16, 8, 8), torch.randn(3, 16, 8, 8)
+    torch.testing.assert_close(backbone.add_noise(latents, noise, t), (1 - sigma) * latents + sigma * noise)
+    torch.testing.assert_close(backbone.diffusion_target(latents, noise, t), noise - latents)
+    torch.testing.assert_close(backbone.denoiser_timesteps(t), sigma.flatten() * T)
+    assert backbone.denoiser_timesteps(t)[-1] == T, "t = T-1 is pure noise, the transformer's timestep 1000"
+    vae = backbone.vae.config
+    z = torch.randn(1, 16, 8, 8)
+    torch.testing.assert_close(backbone.scale_latents(z), (z - vae.shift_factor) * vae.scaling_factor)
+
+
+def test_prompt_encoding_matches_the_pipeline_with_and_without_t5(tiny_sd3):
+    for use_t5 in (True, False):
+        module = sd3(tiny_sd3, use_t5=use_t5)
+        captions = ["a red square", ""]
+        ours = module.backbone.encode_prompts(captions)
+        embeds, _, pooled, _ = module.build_pipeline().encode_prompt(
+            captions, None, None, do_classifier_free_guidance=False, max_sequence_length=256
+        )
+        torch.testing.assert_close(ours["encoder_hidden_states"], embeds, rtol=0, atol=0)
+        torch.testing.assert_close(ours["pooled_projections"], pooled, rtol=0, atol=0)
+    assert module.backbone.text_encoder_3 is None and ours["encoder_hidden_states"][:, -256:].abs().max() == 0
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_every_loss_trains_and_only_sft_skips_the_reference_forward(tiny_sd3, loss_type):
+    module = sd3(tiny_sd3, loss_type=loss_type, reward_scale=True)
+    forwards = []
+    predict = module.backbone.predict
+    module.backbone.predict = lambda denoiser, *args: forwards.append(denoiser) or predict(denoiser, *args)
+    batch = make_batch()
+    out = module.preference_step(batch, batch["timesteps"])
+    out.loss.mean().backward()
+    assert torch.isfinite(out.loss).all()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.policy.parameters())
+    reference = [] if loss_type == "sft" else [module.reference.model]
+    assert forwards == [module.policy, *reference]
+
+
+@pytest.mark.parametrize("module_kwargs", [{}, {"lora_rank": 2}], ids=["full", "lora"])
+def test_training_steps_and_reference_update(tiny_sd3, tiny_data, module_kwargs):
+    module = sd3(tiny_sd3, learning_rate=0.01, reward_scale=True, **module_kwargs)
+    callback = ReferenceModelUpdate(every_n_steps=1)
+    trainer = fit_tiny(module, tiny_data, max_steps=2, callbacks=[callback])
+    assert trainer.global_step == 2 and callback.num_updates == 2
+    assert torch.isfinite(trainer.callback_metrics["train/loss"]) and callback.last_divergence != 0
+    reference, policy = (
+        module.reference.reference_parameters(module.policy),
+        (
+            lora.adapter_parameters(module.policy, lora.POLICY)
+            if module.uses_lora
+            else module.policy.state_dict()
+        ),
+    )
+    assert all(torch.equal(reference[k], p) for k, p in policy.items()), "reference <- policy at step 2"
+
+
+def test_latent_cache_gives_the_uncached_step(tiny_sd3, tiny_data, tmp_path):
+    module = sd3(tiny_sd3, lora_rank=2)
+    data = PreferenceDataModule(dataset_name="parquet", data_files=tiny_data, resolution=32, num_workers=0)
+    pairs = data.load_pairs("train", 3, PairTransform(32, random_crop=False, random_flip=False))
+    cache = write_latent_cache(module.backbone, {"train": pairs}, tmp_path / "cache", batch_size=2)
+    empty = load_empty_prompt(cache)
+    assert set(empty) == {"encoder_hidden_states", "pooled_projections"}
+    cached_data = PreferenceDataModule(latent_cache=str(cache), num_workers=0, validation_split=None)
+    cached_data.setup("fit")
+    cached = CachedPreferenceCollator(empty)([cached_data.splits["train"].split[i] for i in range(3)])
+    uncached = PreferenceCollator()([pairs[i] for i in range(3)])
+    t = torch.tensor([10, 500, 999])
+    torch.manual_seed(0)
+    a = module.preference_step(uncached, t, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    b = module.preference_step(cached, t, generator=torch.Generator().manual_seed(0))
+    for key in ("mse_w", "mse_l", "ref_mse_w", "ref_mse_l"):
+        torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("module_kwargs", [{"lora_rank": 2, "lora_alpha": 4}, {}], ids=["lora", "full"])
+def test_export_loads_with_diffusers_and_gives_the_modules_images(
+    tiny_sd3, tiny_data, tmp_path, module_kwargs
+):
+    module = sd3(tiny_sd3, learning_rate=0.01, **module_kwargs)
+    trainer = fit_tiny(module, tiny_data, max_steps=2, default_root_dir=tmp_path)
+    ckpt = tmp_path / "policy.ckpt"
+    trainer.save_checkpoint(ckpt)
+    expected = images(module.eval().build_pipeline())
+    output = export_checkpoint(str(ckpt), str(tmp_path / "export"))
+
+    if module.uses_lora:
+        pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+        pipeline.load_lora_weights(str(output))
+    else:
+        pipeline = pipeline_from_export(output)
+    pipeline.scheduler = module.build_pipeline().scheduler
+    np.testing.assert_allclose(images(pipeline), expected, atol=1e-5)
+    assert images(StableDiffusion3Pipeline.from_pretrained(tiny_sd3)).tolist() != expected.tolist()
+    assert "StableDiffusion3Pipeline" in (output / "README.md").read_text()
+
+
+def test_resume_continues_exactly(tiny_sd3, tiny_data, tmp_path):
+    torch.manual_seed(0)  # the LoRA initialisation
+    straight = sd3(tiny_sd3, lora_rank=2, learning_rate=0.01)
+    fit_tiny(straight, tiny_data, max_steps=4, callbacks=[ReferenceModelUpdate(every_n_steps=2)])
+
+    torch.manual_seed(0)
+    first = sd3(tiny_sd3, lora_rank=2, learning_rate=0.01)
+    trainer = fit_tiny(first, tiny_data, max_steps=2, callbacks=[ReferenceModelUpdate(every_n_steps=2)])
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    resumed = sd3(tiny_sd3, lora_rank=2, learning_rate=0.01)
+    callbacks = [ReferenceModelUpdate(every_n_steps=2)]
+    fit_tiny(resumed, tiny_data, max_steps=4, callbacks=callbacks, ckpt_path=str(tmp_path / "half.ckpt"))
+    for key, value in straight.state_dict().items():
+        if "lora_" in key:
+            torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
