@@ -1,12 +1,14 @@
 """``lightning-refdpo``: ``fit`` and ``validate`` (LightningCLI) plus ``cache``, ``evaluate`` and ``export``.
 
-    lightning-refdpo fit --config configs/sd15_refdpo.yaml
+    lightning-refdpo fit --config configs/sd15/dpo.yaml --config configs/sd15/refdpo.yaml
     lightning-refdpo fit --config configs/tiny.yaml --trainer.max_steps 4
-    lightning-refdpo cache --config configs/sdxl_refdpo.yaml --output cache/pickapic_sdxl
+    lightning-refdpo cache --config configs/sdxl/dpo.yaml --output cache/pickapic_sdxl
     lightning-refdpo evaluate outputs/.../last.ckpt --prompt_sets '[pickapic_v2_test, partiprompts, hpdv2]'
     lightning-refdpo export --ckpt_path outputs/.../last.ckpt --output exports/refdpo [--pipeline true]
 
-Model and data are given by ``class_path`` so a subclass from another project plugs in unchanged.
+Every subcommand is one :class:`Command` of :data:`COMMANDS`: its help, its options (the parameters
+of its function) and what runs. Model and data are given by ``class_path`` so a subclass from
+another project plugs in unchanged.
 :func:`main` is the console script (an exit status); :func:`run_cli` runs the same commands in
 Python and returns the :class:`RefDPOCLI`, whose ``result`` holds what ``cache``, ``evaluate`` and
 ``export`` produced.
@@ -19,10 +21,12 @@ import inspect
 import re
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import Namespace
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -36,19 +40,18 @@ from lightning_refdpo.callbacks.checkpointing import (
 )
 from lightning_refdpo.callbacks.progress import sane_progress_bar
 from lightning_refdpo.data import PreferenceDataModule
+from lightning_refdpo.data.latent_cache import cache_latents
+from lightning_refdpo.evaluation import evaluate_model
+from lightning_refdpo.export import export_checkpoint
 from lightning_refdpo.guard import NonFiniteLossError, UndecodablePairsError
 from lightning_refdpo.hub import ModelLoadError
 from lightning_refdpo.module import DiffusionDPOModule
+from lightning_refdpo.sources import check_model_source, check_writable_folder
 
 DESCRIPTION = (
     "Diffusion-DPO with reference-model updates and timestep-aware optimization (arXiv 2505.18736): "
     "train, validate, cache latents, evaluate and export."
 )
-TOOLS = {
-    "cache": "Encode the config's preference pairs into a latent cache (VAE posteriors, text embeddings).",
-    "evaluate": "Generate images for prompt sets and score them against a baseline.",
-    "export": "Export the policy of a training checkpoint for diffusers, with a model card.",
-}
 JSONARGPARSE_REPORT = "Does not validate against any of the Union subtypes"
 EXIT_USAGE = 2
 EXIT_SIGTERM = 128 + signal.SIGTERM
@@ -62,6 +65,88 @@ USER_ERRORS = (
     NonFiniteLossError,
     UndecodablePairsError,
 )
+# What a command that needs model and data is passed, built from its --trainer, --model and --data.
+BUILT_FROM_CONFIG = {"trainer", "model", "datamodule"}
+
+
+@dataclass(frozen=True)
+class Command:
+    """A ``lightning-refdpo`` subcommand.
+
+    Its options are the parameters of ``function``; a command that ``needs_model_and_data`` also
+    takes the ``--trainer``, ``--model`` and ``--data`` options (and a config of them) and is
+    passed the ``trainer``, ``model`` and ``datamodule`` built from them. ``fit`` and ``validate``
+    are ``Trainer`` methods, run by ``LightningCLI``; any other function is called with the parsed
+    options, after ``check`` (which may refuse them or return them adjusted), and what it returns
+    is the CLI's ``result``. ``positional`` makes the required parameters positional arguments.
+    """
+
+    name: str
+    help: str
+    function: Callable[..., Any]
+    needs_model_and_data: bool
+    positional: bool = False
+    check: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+    @property
+    def is_trainer_method(self) -> bool:
+        return getattr(Trainer, self.name, None) is self.function
+
+    @property
+    def skip(self) -> set[str]:
+        """The parameters of ``function`` that are not options: those ``LightningCLI`` skips for a
+        ``Trainer`` method, the ``trainer``, ``model`` and ``datamodule`` that a tool is passed."""
+        if self.is_trainer_method:
+            return LightningCLI.subcommands()[self.name]
+        parameters = inspect.signature(self.function).parameters
+        return BUILT_FROM_CONFIG & set(parameters) if self.needs_model_and_data else set()
+
+
+def check_evaluation(options: dict[str, Any]) -> dict[str, Any]:
+    """Refuse an ``--output`` that cannot be written and a model or ``--baseline`` that cannot be
+    one, before any model is loaded; local model paths made absolute."""
+    check_writable_folder(options["output"], "--output")
+    for option, name in (("model", "model"), ("baseline", "--baseline")):
+        if options[option] is not None:
+            options[option] = check_model_source(options[option], name)
+    return options
+
+
+COMMANDS = (
+    Command(
+        "fit",
+        "Train the policy on the config's preference pairs; resume with --ckpt_path PATH or last.",
+        Trainer.fit,
+        needs_model_and_data=True,
+    ),
+    Command(
+        "validate",
+        "Measure the implicit accuracy and reward margins on the validation pairs (of a --ckpt_path).",
+        Trainer.validate,
+        needs_model_and_data=True,
+    ),
+    Command(
+        "cache",
+        "Encode the config's preference pairs into a latent cache (VAE posteriors, text embeddings).",
+        cache_latents,
+        needs_model_and_data=True,
+    ),
+    Command(
+        "evaluate",
+        "Generate images for prompt sets and score them against a baseline.",
+        evaluate_model,
+        needs_model_and_data=False,
+        positional=True,
+        check=check_evaluation,
+    ),
+    Command(
+        "export",
+        "Export the policy of a training checkpoint for diffusers, with a model card.",
+        export_checkpoint,
+        needs_model_and_data=False,
+    ),
+)
+COMMANDS_BY_NAME = {command.name: command for command in COMMANDS}
 
 
 def main(args: list[str] | None = None) -> int:
@@ -180,54 +265,51 @@ class RefDPOCLI(LightningCLI):
       (the checkpoint of the highest step under ``default_root_dir``), or, on SLURM, the
       ``hpc_ckpt_<n>.ckpt`` that Lightning's ``SLURMEnvironment`` saved before requeueing the job.
       A resumed run logs into the logger version it was checkpointed in.
-    - ``test`` and ``predict`` are not offered (the module has no test or predict step).
-    - ``cache``, ``evaluate`` and ``export`` are subcommands of the same parser, so ``--help``
-      lists them and each has its own ``--help``.
+    - The subcommands are :data:`COMMANDS`, so ``--help`` lists them and each has its own
+      ``--help``; ``test`` and ``predict`` are not offered (the module has no test or predict step).
     """
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+        """Each command of :data:`COMMANDS` and the parameters of its function that are not options."""
+        return {command.name: command.skip for command in COMMANDS}
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
-        super()._add_subcommands(parser, **kwargs)
-        for name, description in TOOLS.items():
-            subparser = getattr(self, f"{name}_parser")(description)
-            self._subcommand_parsers[name] = subparser
-            parser._subcommands_action.add_subcommand(name, subparser, help=description)
+        self._subcommand_parsers = {}
+        subcommands = parser.add_subcommands()
+        for command in COMMANDS:
+            subparser = self.command_parser(command, **kwargs.get(command.name, {}))
+            self._subcommand_parsers[command.name] = subparser
+            subcommands.add_subcommand(command.name, subparser, help=command.help)
 
-    def cache_parser(self, description: str) -> LightningArgumentParser:
-        parser = self.init_parser(description=description)
-        self._add_arguments(parser)
-        parser.add_argument("--output", required=True, help="Folder of the latent cache.")
-        parser.add_argument("--cache_batch_size", type=int, default=8, help="Pairs encoded at a time.")
-        return parser
-
-    def evaluate_parser(self, description: str) -> LightningArgumentParser:
-        from lightning_refdpo.evaluation import evaluate_model
-
-        parser = self.init_parser(description=description)
-        parser.add_function_arguments(evaluate_model, as_positional=True)
-        return parser
-
-    def export_parser(self, description: str) -> LightningArgumentParser:
-        from lightning_refdpo.export import export_checkpoint
-
-        parser = self.init_parser(description=description)
-        parser.add_function_arguments(export_checkpoint)
+    def command_parser(self, command: Command, **kwargs: Any) -> LightningArgumentParser:
+        """The parser of ``command``'s options."""
+        kwargs.setdefault("description", command.help)
+        if command.is_trainer_method:
+            return self._prepare_subcommand_parser(Trainer, command.name, **kwargs)
+        parser = self.init_parser(**kwargs)
+        if command.needs_model_and_data:
+            self._add_arguments(parser)
+        parser.add_function_arguments(command.function, skip=command.skip, as_positional=command.positional)
         return parser
 
     # ------------------------------------------------------------------ LightningCLI steps
+    def needs_model_and_data(self) -> bool:
+        """Whether the parsed command builds the config's trainer, model and data (``run=False``
+        builds them)."""
+        name = self.config.get("subcommand")
+        return name is None or COMMANDS_BY_NAME[name].needs_model_and_data
+
     def _parse_ckpt_path(self) -> None:
-        if self.config.get("subcommand") not in ("evaluate", "export"):
+        if self.needs_model_and_data():
             super()._parse_ckpt_path()
 
     def _set_seed(self) -> None:
-        if self.config.get("subcommand") not in ("evaluate", "export"):
+        if self.needs_model_and_data():
             super()._set_seed()
 
     def instantiate_classes(self) -> None:
-        if self.subcommand in ("evaluate", "export"):
+        if not self.needs_model_and_data():
             self.config_init = self.parser.instantiate_classes(self.config)
             self.model = self.datamodule = self.trainer = None
             return
@@ -238,13 +320,20 @@ class RefDPOCLI(LightningCLI):
             callbacks[callbacks.index(self.trainer.progress_bar_callback)] = bar
 
     def _run_subcommand(self, subcommand: str) -> None:
-        if subcommand in TOOLS:
-            self.result = getattr(self, f"run_{subcommand}")(self.config_init[subcommand])
-        else:
+        command = COMMANDS_BY_NAME[subcommand]
+        if command.is_trainer_method:
             super()._run_subcommand(subcommand)
+            return
+        config = self.config_init[subcommand]
+        parameters = inspect.signature(command.function).parameters
+        options = {name: config[name] for name in parameters if name not in command.skip}
+        options |= {name: getattr(self, name) for name in command.skip}  # trainer, model, datamodule
+        if command.check is not None:
+            options = command.check(options)
+        self.result = command.function(**options)
 
-    # ------------------------------------------------------------------ fit
     def fit(self, model: DiffusionDPOModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
+        """``Trainer.fit`` with the checkpoints of a command-line run and ``--ckpt_path last``."""
         trainer = self.trainer
         trainer.callbacks += [ExceptionCheckpoint(trainer.default_root_dir), FinalStepCheckpoint()]
         if ckpt_path == "last":
@@ -255,45 +344,6 @@ class RefDPOCLI(LightningCLI):
         if ckpt_path is not None:
             keep_logger_version(trainer, ckpt_path)
         trainer.fit(model, ckpt_path=None if ckpt_path is None else str(ckpt_path), **kwargs)
-
-    # ------------------------------------------------------------------ tools
-    def run_cache(self, config: Namespace) -> Path:
-        """Encode the config's train and validation pairs with its model's VAE and text encoder into
-        a latent cache; train from it with ``--data.init_args.latent_cache DIR``."""
-        from lightning_refdpo.data.latent_cache import write_latent_cache
-        from lightning_refdpo.data.preference import PairTransform
-
-        data, module = self.datamodule, self.model.to(self.trainer.strategy.root_device).eval()
-        transform = PairTransform(data.hparams.resolution, random_crop=False, random_flip=False)
-        hp = data.hparams
-        splits = {"train": data.load_pairs(hp.train_split, hp.max_train_samples, transform)}
-        if hp.validation_split:
-            splits["validation"] = data.load_pairs(hp.validation_split, hp.max_validation_samples, transform)
-        path = write_latent_cache(module.backbone, splits, config.output, config.cache_batch_size)
-        print(f"latent cache written to {path}; train with --data.init_args.latent_cache {path}")
-        return Path(path)
-
-    def run_evaluate(self, config: Namespace) -> dict:
-        from lightning_refdpo.evaluation import evaluate_model
-        from lightning_refdpo.sources import check_model_source, check_writable_folder
-
-        check_writable_folder(config.output, "--output")
-        for option in ("model", "baseline"):
-            if config[option] is not None:
-                config[option] = check_model_source(
-                    config[option], f"--{option}" if option != "model" else "model"
-                )
-        return evaluate_model(**function_kwargs(evaluate_model, config))
-
-    def run_export(self, config: Namespace) -> Path:
-        from lightning_refdpo.export import export_checkpoint
-
-        return export_checkpoint(**function_kwargs(export_checkpoint, config))
-
-
-def function_kwargs(function: Any, config: Namespace) -> dict[str, Any]:
-    """The parsed values of ``function``'s parameters."""
-    return {name: config[name] for name in inspect.signature(function).parameters if name in config}
 
 
 def keep_logger_version(trainer: Any, ckpt_path: str | Path) -> None:

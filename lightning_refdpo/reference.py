@@ -174,7 +174,7 @@ class CopiedReference(ReferenceStrategy):
             raise ValueError(
                 "the reference denoiser is sharded unlike the policy; with FSDPStrategy add the denoiser "
                 "class (e.g. diffusers.UNet2DConditionModel) to trainer.strategy.init_args.auto_wrap_policy "
-                "(see configs/sdxl_refdpo_fsdp.yaml)"
+                "(see configs/sdxl/fsdp.yaml)"
             )
 
 

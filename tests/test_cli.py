@@ -101,7 +101,7 @@ def test_bad_config_refused_at_start(tiny_model, tiny_data, tmp_path):
 
 def test_the_maintained_sd15_id_everywhere():
     repo = Path(__file__).parents[1]
-    files = [*repo.glob("configs/*.yaml"), repo / "README.md", *repo.glob("lightning_refdpo/**/*.py")]
+    files = [*repo.glob("configs/**/*.yaml"), repo / "README.md", *repo.glob("lightning_refdpo/**/*.py")]
     assert [f.name for f in files if "runwayml/" in f.read_text()] == []
     default = inspect.signature(DiffusionDPOModule).parameters["pretrained_model_name_or_path"].default
     assert default == "stable-diffusion-v1-5/stable-diffusion-v1-5"

@@ -158,8 +158,11 @@ def test_requeued_slurm_job_resumes_from_its_hpc_checkpoint(tiny_model, tiny_dat
 
 
 def test_fsdp_config_shards_each_unet_and_its_blocks(capsys):
+    configs = [
+        f"--config={REPO / 'configs' / 'sdxl' / name}" for name in ("dpo.yaml", "refdpo.yaml", "fsdp.yaml")
+    ]
     with pytest.raises(SystemExit):
-        run_cli(["fit", "--config", str(REPO / "configs" / "sdxl_refdpo_fsdp.yaml"), "--print_config"])
+        run_cli(["fit", *configs, "--print_config"])
     printed = capsys.readouterr().out
     assert "class_path: lightning.pytorch.strategies.FSDPStrategy" in printed
     for block in ("UNet2DConditionModel", "BasicTransformerBlock", "ResnetBlock2D"):

@@ -15,8 +15,8 @@ from safetensors import safe_open
 from lightning_refdpo import ReferenceModelUpdate
 from lightning_refdpo.cli import run_cli
 from lightning_refdpo.evaluation import GenerationConfig, generate
-from lightning_refdpo.sources import load_module, pipeline_from_export
 from lightning_refdpo.sdxl import StableDiffusionXLDPOModule
+from lightning_refdpo.sources import load_module, pipeline_from_export
 from tests.helpers import fit_tiny, make_module
 
 ITEMS = [("a red cat", 0), ("a blue dog", 1)]

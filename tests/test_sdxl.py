@@ -88,9 +88,9 @@ def test_fixed_micro_conditioning_is_the_default(tiny_sdxl):
     module.preference_step(batch, torch.tensor([500]))
     assert seen[-1].tolist() == [32, 32, 0, 0, 32, 32] * 2
     module.preference_step({"caption": ["x"], "pixel_values": torch.zeros(1, 6, 32, 32)}, torch.tensor([1]))
-    for config in ("sdxl_dpo.yaml", "sdxl_refdpo.yaml", "sdxl_refdpo_lora.yaml", "sdxl_refdpo_fsdp.yaml"):
-        model = yaml.safe_load((CONFIGS / config).read_text())["model"]["init_args"]
-        assert model["micro_conditioning"] == "fixed", config
+    for config in sorted((CONFIGS / "sdxl").glob("*.yaml")):  # the base and its overlays
+        model = yaml.safe_load(config.read_text()).get("model", {}).get("init_args", {})
+        assert model.get("micro_conditioning", "fixed") == "fixed", config
 
 
 def test_per_image_batches_without_crop_information_are_refused(tiny_sdxl):
@@ -181,16 +181,17 @@ def test_evaluation_callback_generates_with_the_sdxl_pipeline(tiny_sdxl, tiny_da
     )
 
 
-@pytest.mark.parametrize("name", ["sdxl_dpo", "sdxl_refdpo", "sdxl_refdpo_lora"])
-def test_sdxl_configs_build_the_sdxl_module_at_1024_px(name, tiny_sdxl, tiny_data, tmp_path):
-    config = CONFIGS / f"{name}.yaml"
-    assert yaml.safe_load(config.read_text())["model"]["init_args"]["vae_name_or_path"] == (
+@pytest.mark.parametrize("overlays", [[], ["refdpo"], ["refdpo", "lora"]], ids=["dpo", "refdpo", "lora"])
+def test_sdxl_configs_build_the_sdxl_module_at_1024_px(overlays, tiny_sdxl, tiny_data, tmp_path):
+    base = CONFIGS / "sdxl" / "dpo.yaml"
+    assert yaml.safe_load(base.read_text())["model"]["init_args"]["vae_name_or_path"] == (
         "madebyollin/sdxl-vae-fp16-fix"
     )
     cli = build_cli(
         run=False,
         args=[
-            f"--config={config}",
+            f"--config={base}",
+            *(f"--config={CONFIGS / 'sdxl' / name}.yaml" for name in overlays),
             f"--model.init_args.pretrained_model_name_or_path={tiny_sdxl}",
             f"--model.init_args.vae_name_or_path={tiny_sdxl}/vae",
             f"--data.init_args.data_files={json.dumps(tiny_data)}",
@@ -202,10 +203,10 @@ def test_sdxl_configs_build_the_sdxl_module_at_1024_px(name, tiny_sdxl, tiny_dat
         ],
     )
     assert type(cli.model) is StableDiffusionXLDPOModule
-    assert cli.model.uses_lora == name.endswith("lora")
+    assert cli.model.uses_lora == ("lora" in overlays)
     assert cli.datamodule.hparams.resolution == 1024
     caps = [c.max_divergence for c in cli.trainer.callbacks if isinstance(c, ReferenceModelUpdate)]
-    assert caps == ([] if name == "sdxl_dpo" else [0.002])
+    assert caps == ([0.002] if "refdpo" in overlays else [])
 
 
 def test_cache_command_then_fit_from_cache(tiny_sdxl, tiny_data, tmp_path):

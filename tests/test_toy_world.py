@@ -286,18 +286,19 @@ def test_demo_trains_through_the_cli_and_reports_a_verdict(tmp_path, monkeypatch
     monkeypatch.chdir(ASSETS.parents[1])
     results = demo.main(
         [
-            "--max-prompts=2",
-            "--eval-seeds=2",
+            "--max_prompts=2",
+            "--eval_seeds=2",
             f"--output={tmp_path / 'demo'}",
-            "--trainer.max_steps=2",
-            "--data.init_args.train_batch_size=16",
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_checkpointing=false",
-            "--trainer.logger=false",
+            "--overrides=[--trainer.max_steps=2, --data.init_args.train_batch_size=16]",
+            f"--overrides+=--trainer.default_root_dir={tmp_path / 'run'}",
+            "--overrides+=--trainer.enable_progress_bar=false",
+            "--overrides+=--trainer.enable_checkpointing=false",
+            "--overrides+=--trainer.logger=false",
         ]
     )
     assert results["test_prompts"] == 2 and results["seeds"] == [0, 1]
+    assert results["overrides"][:2] == ["--trainer.max_steps=2", "--data.init_args.train_batch_size=16"]
+    assert len(results["overrides"]) == 6
     low, high = results["win_rate_ci"]
     assert 0.0 <= low <= results["win_rate"] <= high <= 1.0
     assert results["gain"] == pytest.approx(results["reward_mean"] - results["baseline_reward_mean"])

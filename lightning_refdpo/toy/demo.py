@@ -1,14 +1,14 @@
 """The toy-world demo (``make demo``): align the shipped toy model with the paper's method, measure it.
 
     python -m lightning_refdpo.toy.demo [--config configs/demo.yaml] [--output outputs/demo]
-                                        [CLI overrides, e.g. --trainer.max_steps 50]
+                                        [--overrides '[--trainer.max_steps=50]'] [--help]
 
 1. samples the shipped base model (``assets/toy/model``) on the test prompts
-   (:data:`~lightning_refdpo.toy.world.TEST_PROMPTS`, 45 prompts, ``--eval-seeds`` seeds each, DDIM
+   (:data:`~lightning_refdpo.toy.world.TEST_PROMPTS`, 45 prompts, ``--eval_seeds`` seeds each, DDIM
    at the guidance chosen on the validation prompts) and scores it with
    :class:`~lightning_refdpo.toy.reward.ToyReward`;
 2. trains it on the shipped preference set (``assets/toy/data``) through the normal CLI:
-   ``lightning-refdpo fit --config configs/demo.yaml`` (run in this process);
+   ``lightning-refdpo fit --config configs/demo.yaml [overrides]`` (run in this process);
 3. samples the aligned policy on the same (prompt, seed) items and prints a verdict: the win rate
    against the base model with its 95 % bootstrap interval over prompts, the gain in standard
    deviations of the per-seed gain, and pass or fail against the target (win rate >= 65 % with the
@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import auto_cli
 from PIL import Image
 
 from lightning_refdpo.evaluation import GenerationConfig, evaluation_items, image_grid, load_pipeline
@@ -98,42 +98,53 @@ def before_after_grid(
     return image_grid(images, captions, columns=columns)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--base-model", default=BASE_MODEL)
-    parser.add_argument("--output", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--eval-seeds", type=int, default=8, help="images per test prompt")
-    parser.add_argument("--max-prompts", type=int, default=None, help="first N test prompts")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    args, overrides = parser.parse_known_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def run_demo(
+    config: str = "configs/demo.yaml",
+    output: str = "outputs/demo",
+    base_model: str = BASE_MODEL,
+    eval_seeds: int = 8,
+    max_prompts: int | None = None,
+    threads: int | None = None,
+    overrides: list[str] = [],  # noqa: B006 - jsonargparse reads the default
+) -> dict:
+    """Align the toy base model with the paper's method and measure it against the base model.
+
+    Args:
+        config: the ``lightning-refdpo fit`` config of the training.
+        output: folder for ``results.json`` and ``before_after.png``.
+        base_model: the toy base model (a diffusers pipeline folder) sampled before training.
+        eval_seeds: images per test prompt.
+        max_prompts: keep the first N test prompts.
+        threads: torch threads (default: all).
+        overrides: ``lightning-refdpo fit`` options applied after the config, e.g.
+            ``[--trainer.max_steps=50]``.
+    """
+    if threads:
+        torch.set_num_threads(threads)
     start = time.perf_counter()
 
     def progress(message: str) -> None:
         print(f"[demo {time.perf_counter() - start:5.0f}s] {message}", flush=True)
 
-    seeds = list(range(args.eval_seeds))
-    prompts = list(TEST_PROMPTS[: args.max_prompts])
+    seeds = list(range(eval_seeds))
+    prompts = list(TEST_PROMPTS[:max_prompts])
     items = evaluation_items(prompts, seeds)
-    config = GenerationConfig(**GENERATION)
+    generation = GenerationConfig(**GENERATION)
     progress(
         f"sampling the base model on {len(prompts)} test prompts x {len(seeds)} seeds "
-        f"(DDIM {config.num_inference_steps} steps, guidance {config.guidance_scale})"
+        f"(DDIM {generation.num_inference_steps} steps, guidance {generation.guidance_scale})"
     )
-    base_images, base_parts = toy_scores(load_pipeline(args.base_model, "cpu")[0], items, config)
+    base_images, base_parts = toy_scores(load_pipeline(base_model, "cpu")[0], items, generation)
     progress(f"base model: mean ToyReward {base_parts['score'].mean():.4f}")
 
-    progress(f"training: lightning-refdpo fit --config {args.config} {' '.join(overrides)}")
-    module = fit(args.config, overrides)
+    progress(f"training: lightning-refdpo fit --config {config} {' '.join(overrides)}")
+    module = fit(config, overrides)
     progress("sampling the aligned model on the same prompts and seeds")
-    images, parts = toy_scores(module.build_pipeline(), items, config)
+    images, parts = toy_scores(module.build_pipeline(), items, generation)
     summary = verdict(parts["score"], base_parts["score"], len(seeds))
 
-    args.output.mkdir(parents=True, exist_ok=True)
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
     shown = list(range(0, len(items), len(seeds)))[:16]  # first seed of up to 16 prompts
     grid = before_after_grid(
         base_images[shown],
@@ -142,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parts["score"][shown],
         [items[i][0] for i in shown],
     )
-    grid.save(args.output / "before_after.png")
+    grid.save(folder / "before_after.png")
     low, high = summary["win_rate_ci"]
     line = (
         f"verdict: {'PASS' if summary['passed'] else 'FAIL'}: win rate vs base {100 * summary['win_rate']:.1f}% "
@@ -151,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "with the CI above 50%"
     )
     results = {
-        "config": args.config,
+        "config": config,
         "overrides": list(overrides),
         "test_prompts": len(prompts),
         "seeds": seeds,
@@ -162,13 +173,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "verdict": line,
         "seconds": time.perf_counter() - start,
     }
-    (args.output / "results.json").write_text(json.dumps(results, indent=2))
+    (folder / "results.json").write_text(json.dumps(results, indent=2))
     progress(
         f"test ToyReward: base {summary['baseline_reward_mean']:.4f} -> aligned {summary['reward_mean']:.4f}; "
-        f"wrote {args.output / 'results.json'} and {args.output / 'before_after.png'}"
+        f"wrote {folder / 'results.json'} and {folder / 'before_after.png'}"
     )
     print(line, flush=True)
     return results
+
+
+def main(args: Sequence[str] | None = None) -> dict:
+    """``python -m lightning_refdpo.toy.demo``: :func:`run_demo` with the options of ``args``
+    (default: ``sys.argv[1:]``)."""
+    return auto_cli(run_demo, args=args, prog="python -m lightning_refdpo.toy.demo")
 
 
 if __name__ == "__main__":

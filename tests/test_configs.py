@@ -1,0 +1,96 @@
+"""Every shipped config parses with the CLI's own parser, alone or in the compositions the configs'
+opening comments and the README give: keys, ``class_path`` entries and their ``init_args`` are
+checked against the classes; nothing is instantiated (the models are hub ids)."""
+
+import re
+from itertools import takewhile
+from pathlib import Path
+
+import pytest
+
+from lightning_refdpo.cli import RefDPOCLI, build_cli
+
+REPO = Path(__file__).parents[1]
+CONFIGS = REPO / "configs"
+COMMAND = re.compile(r"lightning-refdpo fit((?: --config configs/\S+\.yaml)+)")
+
+
+def documented_recipes() -> dict[str, list[str]]:
+    """The ``--config`` lists of every ``lightning-refdpo fit`` command line in the configs' opening
+    comments and the README, by command line."""
+    texts = [REPO / "README.md"] + sorted(CONFIGS.rglob("*.yaml"))
+    commands = {m.group(1).strip() for path in texts for m in COMMAND.finditer(path.read_text())}
+    return {command: re.findall(r"--config (\S+)", command) for command in sorted(commands)}
+
+
+RECIPES = documented_recipes()
+
+
+@pytest.fixture
+def parse(monkeypatch):
+    """``build_cli`` of ``fit`` up to its parsed config: nothing seeded, instantiated or run."""
+    for step in ("_set_seed", "instantiate_classes", "_run_subcommand"):
+        monkeypatch.setattr(RefDPOCLI, step, lambda self, *args: None)
+    return lambda configs: build_cli(["fit", *(f"--config={REPO / c}" for c in configs)]).config.fit
+
+
+def opening_comment(path: Path) -> str:
+    return "\n".join(takewhile(lambda line: line.startswith("#"), path.read_text().splitlines()))
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_config_says_what_it_is_and_its_command_line(path):
+    comment = opening_comment(path)
+    assert len(comment.splitlines()) >= 2, "a description and a command line"
+    assert any(str(path.relative_to(REPO)) in c for c in COMMAND.findall(comment)), comment
+
+
+def test_every_config_is_in_a_documented_recipe():
+    used = {config for configs in RECIPES.values() for config in configs}
+    assert {str(p.relative_to(REPO)) for p in CONFIGS.rglob("*.yaml")} <= used
+
+
+@pytest.mark.parametrize("configs", RECIPES.values(), ids=RECIPES.keys())
+def test_documented_recipe_parses(configs, parse):
+    config = parse(configs)
+    callbacks = [c.class_path.rsplit(".", 1)[-1] for c in config.trainer.callbacks or []]
+    method = any(name.endswith("refdpo.yaml") for name in configs)
+    if configs[0].startswith(("configs/sd15/", "configs/sdxl/")):
+        expected = ["ModelCheckpoint", "LearningRateMonitor"] + ["ReferenceModelUpdate"] * method
+        assert callbacks == expected, "an overlay adds its callback to the base's"
+        sampler = config.data.init_args.timestep_sampler.class_path
+        assert sampler.endswith("DiscountedTimestepSampler" if method else "UniformTimestepSampler")
+        assert config.model.init_args.reward_scale is method
+
+
+def test_the_sdxl_method_has_the_sdxl_cap(parse):
+    caps = {}
+    for family in ("sd15", "sdxl"):
+        config = parse([f"configs/{family}/dpo.yaml", f"configs/{family}/refdpo.yaml"])
+        caps[family] = config.trainer.callbacks[-1].init_args.max_divergence
+    assert caps == {"sd15": 0.005, "sdxl": 0.002}
+
+
+TYPOS = {
+    "trainer key": ("trainer:\n  max_stepz: 3\n", "max_stepz"),
+    "model init_args": ("model:\n  init_args:\n    lora_rnk: 8\n", "lora_rnk"),
+    "class_path": (
+        "data:\n  init_args:\n    timestep_sampler:\n      class_path: lightning_refdpo.DiscountedTimestepSamplr\n",
+        "DiscountedTimestepSamplr",
+    ),
+    "callback init_args": (
+        "trainer:\n  callbacks+:\n    - class_path: lightning_refdpo.callbacks.ReferenceModelUpdate\n"
+        "      init_args: {max_divergense: 0.1}\n",
+        "max_divergense",
+    ),
+    "top-level key": ("traner:\n  max_steps: 3\n", "traner"),
+}
+
+
+@pytest.mark.parametrize("overlay, key", TYPOS.values(), ids=TYPOS.keys())
+def test_a_typo_in_a_config_is_refused(overlay, key, parse, tmp_path, capsys):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(overlay)
+    with pytest.raises(SystemExit):
+        parse(["configs/sd15/dpo.yaml", "configs/sd15/refdpo.yaml", typo])
+    assert key in capsys.readouterr().err
