@@ -5,6 +5,7 @@ from lightning_refdpo.callbacks import ReferenceModelUpdate
 from lightning_refdpo.data import PreferenceDataModule
 from lightning_refdpo.losses import implicit_reward_margin, preference_loss
 from lightning_refdpo.module import DiffusionDPOModule
+from lightning_refdpo.sd3 import StableDiffusion3DPOModule
 from lightning_refdpo.sdxl import StableDiffusionXLDPOModule
 from lightning_refdpo.sources import pipeline_from_export
 from lightning_refdpo.timesteps import (
@@ -21,6 +22,7 @@ __all__ = [
     "LogitNormalTimestepSampler",
     "PreferenceDataModule",
     "ReferenceModelUpdate",
+    "StableDiffusion3DPOModule",
     "StableDiffusionXLDPOModule",
     "TimestepSampler",
     "UniformTimestepSampler",

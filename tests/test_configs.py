@@ -55,20 +55,25 @@ def test_documented_recipe_parses(configs, parse):
     config = parse(configs)
     callbacks = [c.class_path.rsplit(".", 1)[-1] for c in config.trainer.callbacks or []]
     method = any(name.endswith("refdpo.yaml") for name in configs)
-    if configs[0].startswith(("configs/sd15/", "configs/sdxl/")):
+    if configs[0].startswith(("configs/sd15/", "configs/sdxl/", "configs/sd3/")):
         expected = ["ModelCheckpoint", "LearningRateMonitor"] + ["ReferenceModelUpdate"] * method
         assert callbacks == expected, "an overlay adds its callback to the base's"
         sampler = config.data.init_args.timestep_sampler.class_path
-        assert sampler.endswith("DiscountedTimestepSampler" if method else "UniformTimestepSampler")
+        baseline = (
+            "LogitNormalTimestepSampler"
+            if configs[0].startswith("configs/sd3/")
+            else "UniformTimestepSampler"
+        )
+        assert sampler.endswith("DiscountedTimestepSampler" if method else baseline)
         assert config.model.init_args.reward_scale is method
 
 
-def test_the_sdxl_method_has_the_sdxl_cap(parse):
+def test_each_family_has_its_cap(parse):
     caps = {}
-    for family in ("sd15", "sdxl"):
+    for family in ("sd15", "sdxl", "sd3"):
         config = parse([f"configs/{family}/dpo.yaml", f"configs/{family}/refdpo.yaml"])
         caps[family] = config.trainer.callbacks[-1].init_args.max_divergence
-    assert caps == {"sd15": 0.005, "sdxl": 0.002}
+    assert caps == {"sd15": 0.005, "sdxl": 0.002, "sd3": 0.002}
 
 
 TYPOS = {

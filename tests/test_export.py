@@ -98,7 +98,7 @@ def test_full_unet_export_replaces_the_pipeline_unet(tiny_model, tiny_data, tmp_
     torch.testing.assert_close(images(moved), ours, rtol=0, atol=1e-6)
 
     card = (export / "README.md").read_text()
-    assert "full UNet fine-tuning" in card and "reward scale" in card
+    assert "full fine-tuning of the UNet2DConditionModel" in card and "reward scale" in card
     snippet = card.split("```python\n")[1].split("\n```")[0].replace("EXPORT_DIR", str(export))
     namespace = {}
     exec(snippet.replace("float16", "float32").replace(".to('cuda')", "").rsplit("\n", 1)[0], namespace)

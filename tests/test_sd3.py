@@ -2,12 +2,16 @@
 code, every loss, the reference update, the latent cache, export through diffusers' own API and
 an exact resume."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
 from lightning_refdpo import ReferenceModelUpdate, lora
+from lightning_refdpo.cli import build_cli
 from lightning_refdpo.data import PreferenceDataModule
 from lightning_refdpo.data.latent_cache import CachedPreferenceCollator, load_empty_prompt, write_latent_cache
 from lightning_refdpo.data.preference import PairTransform, PreferenceCollator
@@ -16,6 +20,8 @@ from lightning_refdpo.losses import LOSS_TYPES
 from lightning_refdpo.sd3 import StableDiffusion3DPOModule
 from lightning_refdpo.sources import pipeline_from_export
 from tests.helpers import fit_tiny, make_batch, make_module
+
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def sd3(path: str, **kwargs) -> StableDiffusion3DPOModule:
@@ -134,17 +140,50 @@ def test_export_loads_with_diffusers_and_gives_the_modules_images(
 
 
 def test_resume_continues_exactly(tiny_sd3, tiny_data, tmp_path):
+    """Four steps in one run, and the same run resumed from its checkpoint of step 2: same weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     torch.manual_seed(0)  # the LoRA initialisation
     straight = sd3(tiny_sd3, lora_rank=2, learning_rate=0.01)
-    fit_tiny(straight, tiny_data, max_steps=4, callbacks=[ReferenceModelUpdate(every_n_steps=2)])
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    callbacks = [ReferenceModelUpdate(every_n_steps=2), checkpoint]
+    fit_tiny(straight, tiny_data, max_steps=4, callbacks=callbacks, enable_checkpointing=True)
 
-    torch.manual_seed(0)
-    first = sd3(tiny_sd3, lora_rank=2, learning_rate=0.01)
-    trainer = fit_tiny(first, tiny_data, max_steps=2, callbacks=[ReferenceModelUpdate(every_n_steps=2)])
-    trainer.save_checkpoint(tmp_path / "half.ckpt")
     resumed = sd3(tiny_sd3, lora_rank=2, learning_rate=0.01)
-    callbacks = [ReferenceModelUpdate(every_n_steps=2)]
-    fit_tiny(resumed, tiny_data, max_steps=4, callbacks=callbacks, ckpt_path=str(tmp_path / "half.ckpt"))
-    for key, value in straight.state_dict().items():
-        if "lora_" in key:
-            torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
+    ckpt = next(tmp_path.glob("*step=2.ckpt"))
+    fit_tiny(
+        resumed,
+        tiny_data,
+        max_steps=4,
+        callbacks=[ReferenceModelUpdate(every_n_steps=2)],
+        ckpt_path=str(ckpt),
+    )
+    for key in resumed.checkpoint_keys():
+        torch.testing.assert_close(resumed.state_dict()[key], straight.state_dict()[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overlays", [[], ["refdpo"], ["lora"], ["refdpo", "lora"]], ids="+".join)
+def test_sd3_recipes_build_the_sd3_module(overlays, tiny_sd3, tiny_data, tmp_path):
+    configs = [CONFIGS / "sd3" / f"{name}.yaml" for name in ("dpo", *overlays)]
+    cli = build_cli(
+        run=False,
+        args=[
+            *(f"--config={config}" for config in configs),
+            f"--model.init_args.pretrained_model_name_or_path={tiny_sd3}",
+            f"--data.init_args.data_files={json.dumps(tiny_data)}",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.num_nodes=1",
+            "--trainer.strategy=auto",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+    )
+    assert type(cli.model) is StableDiffusion3DPOModule and cli.model.hparams.beta == 100
+    assert cli.model.uses_lora == ("lora" in overlays)
+    if cli.model.uses_lora:
+        adapted = {
+            name.rsplit(".", 1)[-1] for name, m in cli.model.policy.named_modules() if hasattr(m, "lora_A")
+        }
+        assert {"add_q_proj", "to_add_out", "to_q"} <= adapted, "both attention streams"
+    sampler = type(cli.datamodule.timestep_sampler).__name__
+    assert sampler == ("DiscountedTimestepSampler" if "refdpo" in overlays else "LogitNormalTimestepSampler")
