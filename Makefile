@@ -34,6 +34,7 @@ tiny-demo: tiny-assets
 lint: install
 	$(BIN)/ruff check lightning_refdpo tests benchmarks scripts
 	$(BIN)/ruff format --check lightning_refdpo tests benchmarks scripts
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf .tiny outputs lightning_logs

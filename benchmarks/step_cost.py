@@ -326,7 +326,7 @@ def build(root: Path, preset: dict) -> tuple[str, Path]:
     transform = PairTransform(resolution, random_crop=False, random_flip=False)
     pairs = make_data(root, preset).load_pairs("train", None, transform)
     write_latent_cache(
-        make_module(model).eval(), {"train": pairs}, root / "cache", batch_size=preset["pairs"]
+        make_module(model).eval().backbone, {"train": pairs}, root / "cache", batch_size=preset["pairs"]
     )
     return model, root / "cache"
 

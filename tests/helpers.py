@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_refdpo import DiffusionDPOModule, PreferenceDataModule, ReferenceModelUpdate
 from lightning_refdpo.metrics import RewardScore
@@ -106,3 +107,30 @@ class RecordRank(Callback):
             "update": update.state_dict(),
         }
         torch.save(record, Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.pt")
+
+
+def logged_trainer(tmp_path, callbacks, **kwargs) -> Trainer:
+    """A CPU trainer that logs to TensorBoard under ``tmp_path`` and validates on one batch."""
+    return Trainer(
+        accelerator="cpu",
+        callbacks=callbacks,
+        logger=TensorBoardLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        **kwargs,
+    )
+
+
+def tiny_datamodule(tiny_data: dict) -> PreferenceDataModule:
+    """The 32 px parquet pairs of ``tiny_data``, two pairs a batch."""
+    return PreferenceDataModule(
+        dataset_name="parquet",
+        data_files=tiny_data,
+        resolution=32,
+        num_workers=0,
+        train_batch_size=2,
+        val_batch_size=2,
+    )

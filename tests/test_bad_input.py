@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 
 from lightning_refdpo.guard import NonFiniteLossError, UndecodablePairsError
+from tests.data.test_datamodule import solid, write
 from tests.helpers import fit_tiny, make_module
-from tests.test_data import solid, write
 
 
 def nan_loss_in_batches(module, batches) -> None:

@@ -12,7 +12,7 @@ from lightning_refdpo.checkpoint import current_key
 from lightning_refdpo.testing import save_random_preference_set, save_tiny_stable_diffusion
 from tests.helpers import make_module
 
-LEGACY = Path(__file__).parent / "data" / "legacy"
+LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 
 
 def test_legacy_keys_are_renamed_once():
@@ -23,7 +23,7 @@ def test_legacy_keys_are_renamed_once():
 
 @pytest.mark.parametrize("name, lora_rank", [("full", None), ("lora", 2)])
 def test_a_checkpoint_of_version_0_1_resumes(name, lora_rank, tmp_path):
-    # The model and data of tests/data/legacy/make_legacy_checkpoints.py, rebuilt from the same seeds.
+    # The model and data of tests/fixtures/legacy/make_legacy_checkpoints.py, rebuilt from the same seeds.
     model = save_tiny_stable_diffusion(tmp_path / "model", block_out_channels=(8, 16), cross_attention_dim=16)
     data = save_random_preference_set(tmp_path / "train.parquet", num_pairs=8, seed=0)
     legacy = torch.load(LEGACY / f"{name}.ckpt", map_location="cpu", weights_only=False)

@@ -18,7 +18,7 @@ from lightning_refdpo.data.preference import PairTransform, PreferenceCollator
 from lightning_refdpo.sdxl import StableDiffusionXLDPOModule
 from tests.helpers import Brightness, fit_tiny, make_module, unet_weights
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 def sdxl(model_path, **kwargs) -> StableDiffusionXLDPOModule:

@@ -21,7 +21,7 @@ from lightning_refdpo.sd3 import StableDiffusion3DPOModule
 from lightning_refdpo.sources import pipeline_from_export
 from tests.helpers import fit_tiny, make_batch, make_module
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 def sd3(path: str, **kwargs) -> StableDiffusion3DPOModule:

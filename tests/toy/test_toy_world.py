@@ -34,7 +34,7 @@ from lightning_refdpo.toy.world import (
 )
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-ASSETS = Path(__file__).resolve().parents[1] / "assets" / "toy"
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "toy"
 
 
 def scenes(n: int, seed: int = 0) -> list:

@@ -4,7 +4,7 @@ import datasets
 import pytest
 
 from lightning_refdpo.data.streaming import StreamingPreferencePairs
-from tests.test_data import datamodule, solid, write
+from tests.data.test_datamodule import datamodule, solid, write
 
 
 @pytest.fixture
