@@ -2,6 +2,7 @@
 
     python benchmarks/step_cost.py                   # ~4.5 min on 2 CPU cores; writes benchmarks/results/step_cost.json
     python benchmarks/step_cost.py --preset tiny --output /tmp/step_cost.json   # seconds (the suite's smoke test)
+    python benchmarks/step_cost.py --device cuda --preset sd15-size --output step_cost_gpu.json   # on a GPU
 
 On a small SD-shaped model (``--preset sd-small``: a 37 M-parameter UNet on 32 x 32 latents, a
 VAE with the SD 8x downsampling at 256 px, a CLIP text encoder of width 256 and 77 tokens), all
@@ -27,7 +28,11 @@ Memory: the peak resident memory above the process's start (models, optimizer st
 activations) of (e) LoRA DPO with the reference as a second adapter of the same UNet (our module)
 and (f) LoRA supervised fine-tuning (diffusers' ``unet.add_adapter``, one MSE forward over the
 same winners and losers), each in a fresh process from the same cached batch. On CPU this is the
-process's resident set (``VmHWM``); on GPU read ``torch.cuda.max_memory_allocated`` instead.
+process's resident set (``VmHWM``); with ``--device cuda``, ``torch.cuda.max_memory_allocated``.
+
+``--device cuda`` runs all four on the GPU (the step times then wait for the GPU to finish);
+``--preset sd15-size`` has the shapes of SD1.5 (UNet 320/640/1280/1280 with 2 layers a block on
+64 x 64 latents, 512 px, a 12-layer CLIP text encoder of width 768), for a GPU.
 """
 
 from __future__ import annotations
@@ -70,6 +75,22 @@ PRESETS = {
         "steps": 4,
         "memory_steps": 2,
     },
+    "sd15-size": {
+        "model": {
+            "block_out_channels": (320, 640, 1280, 1280),
+            "layers_per_block": 2,
+            "cross_attention_dim": 768,
+            "text_layers": 12,
+            "text_intermediate_size": 3072,
+            "model_max_length": 77,
+            "vae_block_out_channels": (128, 256, 512, 512),
+            "resolution": 512,
+        },
+        "pairs": 4,
+        "rounds": 2,
+        "steps": 4,
+        "memory_steps": 2,
+    },
     "tiny": {
         "model": {"resolution": 32},
         "pairs": 2,
@@ -81,6 +102,14 @@ PRESETS = {
 BETA = 5000.0
 LEARNING_RATE = 1e-5
 LORA_RANK = 8
+DEVICE = torch.device("cpu")
+
+
+def step_done() -> float:
+    """The time once the device has finished the work queued so far."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 class StepTimer(Callback):
@@ -94,7 +123,7 @@ class StepTimer(Callback):
         self._last = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
+        now = step_done()
         if self._last is not None:
             self.times.append(now - self._last)
         self._last = now
@@ -105,7 +134,7 @@ def timed_loop(step, batches, times: list[float]) -> None:
     last = None
     for batch in batches:
         step(batch)
-        now = time.perf_counter()
+        now = step_done()
         if last is not None:
             times.append(now - last)
         last = now
@@ -132,7 +161,7 @@ def make_data(root: Path, preset: dict, latent_cache: str | None = None) -> Pref
 
 def fit_steps(module: DiffusionDPOModule, data: PreferenceDataModule, steps: int, timer: StepTimer) -> None:
     Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if DEVICE.type == "cuda" else "cpu",
         devices=1,
         max_steps=steps,
         logger=False,
@@ -147,9 +176,9 @@ def fit_steps(module: DiffusionDPOModule, data: PreferenceDataModule, steps: int
 def load_unets(model: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     from diffusers import UNet2DConditionModel
 
-    policy = UNet2DConditionModel.from_pretrained(model, subfolder="unet").train()
+    policy = UNet2DConditionModel.from_pretrained(model, subfolder="unet").train().to(DEVICE)
     reference = UNet2DConditionModel.from_pretrained(model, subfolder="unet").eval().requires_grad_(False)
-    return policy, reference
+    return policy, reference.to(DEVICE)
 
 
 def cached_batches(cache: Path, pairs: int, steps: int, seed: int):
@@ -158,7 +187,7 @@ def cached_batches(cache: Path, pairs: int, steps: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         rows = split[torch.randint(len(split), (pairs,), generator=generator).tolist()]
-        yield {k: v for k, v in rows.items() if k != "caption"}
+        yield {k: v.to(DEVICE) for k, v in rows.items() if k != "caption"}
 
 
 def bare_step(model: str, pairs: int):
@@ -174,9 +203,9 @@ def bare_step(model: str, pairs: int):
     def step(batch):
         mean = torch.cat([batch["latents_mean_w"], batch["latents_mean_l"]])
         std = torch.cat([batch["latents_std_w"], batch["latents_std_l"]])
-        latents = (mean + std * torch.randn(mean.shape)) * scaling
-        noise = torch.randn(latents[:pairs].shape).repeat(2, 1, 1, 1)
-        t = sampler.sample(pairs).repeat(2)
+        latents = (mean + std * torch.randn(mean.shape, device=DEVICE)) * scaling
+        noise = torch.randn(latents[:pairs].shape, device=DEVICE).repeat(2, 1, 1, 1)
+        t = sampler.sample(pairs).repeat(2).to(DEVICE)
         cond = batch["encoder_hidden_states"].repeat(2, 1, 1)
         noisy = scheduler.add_noise(latents, noise, t)
         with torch.no_grad():
@@ -190,19 +219,21 @@ def bare_step(model: str, pairs: int):
     return step
 
 
-def public_style_step(module: DiffusionDPOModule):
+def public_style_step(model: str):
     """(d): a step with VAE and text encoding, a separate reference UNet, winner and loser apart."""
-    policy, reference = load_unets(module.hparams.pretrained_model_name_or_path)
-    vae, text_encoder, tokenizer = (
-        module.backbone.vae,
-        module.backbone.text_encoder,
-        module.backbone.tokenizer,
-    )
-    scheduler, scaling = module.backbone.noise_scheduler, vae.config.scaling_factor
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    policy, reference = load_unets(model)
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").to(DEVICE)
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder").to(DEVICE)
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    scaling = vae.config.scaling_factor
     optimizer = torch.optim.AdamW(policy.parameters(), lr=LEARNING_RATE)
 
     def step(batch):
-        pixels = torch.cat(batch["pixel_values"].chunk(2, dim=1))
+        pixels = torch.cat(batch["pixel_values"].to(DEVICE).chunk(2, dim=1))
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample() * scaling
             ids = tokenizer(
@@ -211,11 +242,11 @@ def public_style_step(module: DiffusionDPOModule):
                 max_length=tokenizer.model_max_length,
                 truncation=True,
                 return_tensors="pt",
-            ).input_ids
+            ).input_ids.to(DEVICE)
             cond = text_encoder(ids)[0]
         latents_w, latents_l = latents.chunk(2)
         noise = torch.randn_like(latents_w)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(noise),))
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(noise),), device=DEVICE)
         noisy_w, noisy_l = scheduler.add_noise(latents_w, noise, t), scheduler.add_noise(latents_l, noise, t)
         mse_w = F.mse_loss(policy(noisy_w, t, cond).sample, noise, reduction="none").mean((1, 2, 3))
         mse_l = F.mse_loss(policy(noisy_l, t, cond).sample, noise, reduction="none").mean((1, 2, 3))
@@ -231,11 +262,12 @@ def public_style_step(module: DiffusionDPOModule):
 
 
 def peak_memory(kind: str, model: str, cache: Path, pairs: int, steps: int) -> int:
-    """Run in a fresh process: peak resident bytes above the start of (e) or (f) training."""
-    start = _resident_bytes()
+    """Run in a fresh process: peak resident (CPU) or allocated (GPU) bytes above the start of (e)
+    or (f) training."""
+    start = torch.cuda.memory_allocated() if DEVICE.type == "cuda" else _resident_bytes()
     batches = list(cached_batches(cache, pairs, steps, seed=0))
     if kind == "lora_ref":
-        module = make_module(model, lora_rank=LORA_RANK)
+        module = make_module(model, lora_rank=LORA_RANK).to(DEVICE)
         sampler = DiscountedTimestepSampler(1000, gamma=0.9, num_bins=50)
         optimizer = torch.optim.AdamW(
             [p for p in module.policy.parameters() if p.requires_grad], lr=LEARNING_RATE
@@ -252,9 +284,9 @@ def peak_memory(kind: str, model: str, cache: Path, pairs: int, steps: int) -> i
 
         from lightning_refdpo.backbones import StableDiffusionBackbone
 
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").requires_grad_(False)
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae")  # resident, as in the module
-        CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").requires_grad_(False).to(DEVICE)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae").to(DEVICE)  # resident, as in the module
+        CLIPTextModel.from_pretrained(model, subfolder="text_encoder").to(DEVICE)
         scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
         unet.add_adapter(
             LoraConfig(
@@ -268,15 +300,17 @@ def peak_memory(kind: str, model: str, cache: Path, pairs: int, steps: int) -> i
         for batch in batches:
             mean = torch.cat([batch["latents_mean_w"], batch["latents_mean_l"]])
             std = torch.cat([batch["latents_std_w"], batch["latents_std_l"]])
-            latents = (mean + std * torch.randn(mean.shape)) * vae.config.scaling_factor
+            latents = (mean + std * torch.randn(mean.shape, device=DEVICE)) * vae.config.scaling_factor
             noise = torch.randn_like(latents)
-            t = torch.randint(0, 1000, (len(latents),))
+            t = torch.randint(0, 1000, (len(latents),), device=DEVICE)
             cond = batch["encoder_hidden_states"].repeat(2, 1, 1)
             F.mse_loss(unet(scheduler.add_noise(latents, noise, t), t, cond).sample, noise).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     else:
         raise ValueError(f"unknown memory measurement {kind!r}; use lora_ref or lora_sft")
+    if DEVICE.type == "cuda":
+        return torch.cuda.max_memory_allocated() - start
     return _memory_status("VmHWM") - start
 
 
@@ -306,6 +340,8 @@ def measure_memory(preset: str, kind: str, model: str, cache: Path) -> int:
             model,
             "--cache",
             str(cache),
+            "--device",
+            DEVICE.type,
         ],
         check=True,
         capture_output=True,
@@ -325,9 +361,8 @@ def build(root: Path, preset: dict) -> tuple[str, Path]:
     )
     transform = PairTransform(resolution, random_crop=False, random_flip=False)
     pairs = make_data(root, preset).load_pairs("train", None, transform)
-    write_latent_cache(
-        make_module(model).eval().backbone, {"train": pairs}, root / "cache", batch_size=preset["pairs"]
-    )
+    backbone = make_module(model).eval().backbone.to(DEVICE)
+    write_latent_cache(backbone, {"train": pairs}, root / "cache", batch_size=preset["pairs"])
     return model, root / "cache"
 
 
@@ -341,7 +376,7 @@ def main(preset_name: str, output: Path) -> dict:
     unet_parameters = sum(p.numel() for p in module.policy.parameters())
     times: dict[str, list[float]] = {"bare": [], "module": [], "module_uncached": [], "public_style": []}
     timers = {name: StepTimer() for name in ("module", "module_uncached")}
-    bare, public_style = bare_step(model, pairs), public_style_step(module)
+    bare, public_style = bare_step(model, pairs), public_style_step(model)
     pixel_data = make_data(root, preset)
     pixel_data.setup("fit")
     for round_ in range(preset["rounds"]):
@@ -371,6 +406,7 @@ def main(preset_name: str, output: Path) -> dict:
         "peak_memory_bytes": memory,
         "memory_ratio_lora_ref_vs_sft": memory["lora_ref"] / memory["lora_sft"],
         "machine": {
+            "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
             "cpu_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -411,11 +447,13 @@ if __name__ == "__main__":
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="sd-small")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "step_cost.json")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--memory", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    DEVICE = torch.device(args.device)
     if args.memory:
         preset = PRESETS[args.preset]
         print(peak_memory(args.memory, args.model, args.cache, preset["pairs"], preset["memory_steps"]))

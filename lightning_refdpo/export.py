@@ -19,16 +19,11 @@ What goes into the export folder (only the trained ``policy``; never the referen
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
-import torch
-
-from lightning_refdpo import lora
 from lightning_refdpo.evaluation.report import results_table
 from lightning_refdpo.model_card import model_card
-from lightning_refdpo.module import DiffusionDPOModule
 from lightning_refdpo.sources import (
     EXPORT_INFO,
     check_writable_folder,
@@ -38,39 +33,7 @@ from lightning_refdpo.sources import (
 )
 
 # ``pipeline_from_export`` is read from here by the model cards that version 0.1 wrote.
-__all__ = ["export_checkpoint", "merged_policy", "pipeline_from_export", "save_lora"]
-
-
-def merged_policy(module: DiffusionDPOModule) -> torch.nn.Module:
-    """A plain denoiser (UNet or transformer) computing the policy: with LoRA, a copy of the
-    denoiser with the ``policy`` adapter merged into its weights and every adapter removed; else
-    the policy itself."""
-    if not module.uses_lora:
-        return module.policy
-    denoiser = copy.deepcopy(module.policy)
-    denoiser.fuse_lora(adapter_names=[lora.POLICY])
-    denoiser.unload_lora()
-    return denoiser
-
-
-def save_lora(module: DiffusionDPOModule, output: str | Path) -> Path:
-    """Write the ``policy`` adapter as ``pytorch_lora_weights.safetensors`` in the diffusers LoRA
-    format (peft state dict -> the backbone's ``lora_layers`` -> the pipeline class's
-    ``save_lora_weights``), with the adapter's ``LoraConfig`` as metadata so alpha is kept exactly."""
-    from peft.utils import get_peft_model_state_dict
-
-    layers = module.backbone.lora_layers(get_peft_model_state_dict(module.policy, adapter_name=lora.POLICY))
-    layers = {k: v.detach().float().contiguous() for k, v in layers.items()}
-    name = module.backbone.denoiser_name
-    type(module.build_pipeline()).save_lora_weights(
-        str(output),
-        **{
-            f"{name}_lora_layers": layers,
-            f"{name}_lora_adapter_metadata": module.policy.peft_config[lora.POLICY].to_dict(),
-        },
-        safe_serialization=True,
-    )
-    return Path(output)
+__all__ = ["export_checkpoint", "pipeline_from_export"]
 
 
 def export_checkpoint(
@@ -103,14 +66,10 @@ def export_checkpoint(
     module = load_module(ckpt_path, **overrides)
     hp = {**module.hparams, **checkpoint["hyper_parameters"], **overrides}  # as trained, not as reloaded
     output_dir = Path(output)
-    weights = "lora" if module.uses_lora else module.backbone.denoiser_name
-    if module.uses_lora:
-        save_lora(module, output_dir)
-    else:
-        module.policy.save_pretrained(output_dir / weights, safe_serialization=True)
+    weights = module.reference.save_policy(module.policy, module.backbone, output_dir)
     pipeline_class = type(module.build_pipeline()).__name__
     if pipeline:
-        full = module.build_pipeline(merged_policy(module))
+        full = module.build_pipeline(module.reference.plain_policy(module.policy))
         full.scheduler = module.backbone.base_scheduler()
         full.save_pretrained(output_dir, safe_serialization=True)
     info = {

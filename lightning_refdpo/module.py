@@ -140,11 +140,19 @@ class DiffusionDPOModule(LightningModule):
         self.strict_loading = False
 
     def build_backbone(self) -> Backbone:
-        """The :attr:`backbone_class` for this module's model; subclasses add their own options."""
+        """The :attr:`backbone_class` for this module's model, with :meth:`backbone_options`."""
         hp = self.hparams
         return self.backbone_class(
-            hp.pretrained_model_name_or_path, hp.revision, hp.variant, hp.vae_name_or_path
+            hp.pretrained_model_name_or_path,
+            hp.revision,
+            hp.variant,
+            hp.vae_name_or_path,
+            **self.backbone_options(),
         )
+
+    def backbone_options(self) -> dict[str, Any]:
+        """The family's own options of its backbone (a subclass's extra hyperparameters)."""
+        return {}
 
     @property
     def uses_lora(self) -> bool:

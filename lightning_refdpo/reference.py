@@ -13,6 +13,8 @@ import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,6 +62,18 @@ class ReferenceStrategy(torch.nn.Module, ABC):
     def check_sharding(self, policy: torch.nn.Module, sharded: bool) -> None:
         """Refuse a layout that the trainer's strategy cannot run (``sharded``: FSDP)."""
 
+    def check_update(self, policy: torch.nn.Module, alpha: float) -> None:
+        """Refuse an update ``alpha`` that this layout cannot take exactly."""
+
+    @abstractmethod
+    def save_policy(self, policy: torch.nn.Module, backbone: Any, output: Path) -> str:
+        """Write the policy for diffusers into ``output`` (``backbone``: a ``Backbone``, for the
+        pipeline's layout); returns what was written: ``lora`` or the denoiser's subfolder."""
+
+    @abstractmethod
+    def plain_policy(self, policy: torch.nn.Module) -> torch.nn.Module:
+        """A denoiser computing the policy with no adapters (for a whole pipeline)."""
+
     def dtype(self, policy: torch.nn.Module) -> torch.dtype:
         """The dtype the reference weights are stored in."""
         return next(iter(self.reference_parameters(policy).values())).dtype
@@ -103,8 +117,7 @@ class LoRAReference(ReferenceStrategy):
 
     @torch.no_grad()
     def update(self, policy: torch.nn.Module, alpha: float = 1.0) -> None:
-        if alpha != 1.0:
-            raise ValueError(f"a soft reference update (alpha={alpha}) is not exact with LoRA; use alpha=1.0")
+        self.check_update(policy, alpha)
         lora.copy_adapter(policy, lora.POLICY, lora.REFERENCE)
 
     @torch.no_grad()
@@ -116,6 +129,39 @@ class LoRAReference(ReferenceStrategy):
 
     def keeps(self, key: str) -> bool:
         return key.startswith("policy.") and "lora_" in key
+
+    def check_update(self, policy: torch.nn.Module, alpha: float) -> None:
+        if alpha != 1.0:
+            raise ValueError(
+                f"ReferenceModelUpdate.alpha={alpha} is a soft update, which is not exact on LoRA factors; "
+                "use alpha: 1.0 with LoRA, or full fine-tuning (lora_rank: null) for a soft update"
+            )
+
+    def save_policy(self, policy: torch.nn.Module, backbone: Any, output: Path) -> str:
+        """``pytorch_lora_weights.safetensors``: the ``policy`` adapter in the layout the pipeline's
+        ``load_lora_weights`` reads (``backbone.lora_layers``), saved by the pipeline class's
+        ``save_lora_weights`` with the adapter's ``LoraConfig`` as metadata, so alpha is kept exactly."""
+        from peft.utils import get_peft_model_state_dict
+
+        layers = backbone.lora_layers(get_peft_model_state_dict(policy, adapter_name=lora.POLICY))
+        layers = {k: v.detach().float().contiguous() for k, v in layers.items()}
+        name = backbone.denoiser_name
+        type(backbone.build_pipeline(policy)).save_lora_weights(
+            str(output),
+            **{
+                f"{name}_lora_layers": layers,
+                f"{name}_lora_adapter_metadata": policy.peft_config[lora.POLICY].to_dict(),
+            },
+            safe_serialization=True,
+        )
+        return "lora"
+
+    def plain_policy(self, policy: torch.nn.Module) -> torch.nn.Module:
+        """A copy of the denoiser with the ``policy`` adapter merged and every adapter removed."""
+        denoiser = copy.deepcopy(policy)
+        denoiser.fuse_lora(adapter_names=[lora.POLICY])
+        denoiser.unload_lora()
+        return denoiser
 
     def check_sharding(self, policy: torch.nn.Module, sharded: bool) -> None:
         if sharded:
@@ -166,6 +212,23 @@ class CopiedReference(ReferenceStrategy):
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [self.model, self.initial_model]
+
+    def check_update(self, policy: torch.nn.Module, alpha: float) -> None:
+        dtype = self.dtype(policy)
+        if alpha != 1.0 and dtype.itemsize < 4:
+            raise ValueError(
+                f"ReferenceModelUpdate.alpha={alpha} with a {dtype} reference (model.frozen_dtype): 16-bit "
+                "rounding would swallow the small steps of a soft update; use frozen_dtype: null (or "
+                "float32), or alpha: 1.0"
+            )
+
+    def save_policy(self, policy: torch.nn.Module, backbone: Any, output: Path) -> str:
+        """The policy denoiser in its subfolder (``unet/``, ``transformer/``), safetensors."""
+        policy.save_pretrained(output / backbone.denoiser_name, safe_serialization=True)
+        return backbone.denoiser_name
+
+    def plain_policy(self, policy: torch.nn.Module) -> torch.nn.Module:
+        return policy
 
     def check_sharding(self, policy: torch.nn.Module, sharded: bool) -> None:
         """Refuse a reference sharded unlike the policy (FSDP wrapping them differently)."""

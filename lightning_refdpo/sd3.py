@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_refdpo.backbones import Backbone, StableDiffusion3Backbone
+from lightning_refdpo.backbones import StableDiffusion3Backbone
 from lightning_refdpo.module import DiffusionDPOModule
 
 FLOW_DPO_BETA = 100.0
@@ -41,13 +41,5 @@ class StableDiffusion3DPOModule(DiffusionDPOModule):
     ) -> None:
         super().__init__(pretrained_model_name_or_path=pretrained_model_name_or_path, beta=beta, **kwargs)
 
-    def build_backbone(self) -> Backbone:
-        hp = self.hparams
-        return self.backbone_class(
-            hp.pretrained_model_name_or_path,
-            hp.revision,
-            hp.variant,
-            hp.vae_name_or_path,
-            use_t5=hp.use_t5,
-            max_sequence_length=hp.max_sequence_length,
-        )
+    def backbone_options(self) -> dict[str, Any]:
+        return {"use_t5": self.hparams.use_t5, "max_sequence_length": self.hparams.max_sequence_length}

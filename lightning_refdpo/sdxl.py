@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_refdpo.backbones import Backbone, StableDiffusionXLBackbone
+from lightning_refdpo.backbones import StableDiffusionXLBackbone
 from lightning_refdpo.module import DiffusionDPOModule
 
 
@@ -38,12 +38,5 @@ class StableDiffusionXLDPOModule(DiffusionDPOModule):
             **kwargs,
         )
 
-    def build_backbone(self) -> Backbone:
-        hp = self.hparams
-        return self.backbone_class(
-            hp.pretrained_model_name_or_path,
-            hp.revision,
-            hp.variant,
-            hp.vae_name_or_path,
-            micro_conditioning=hp.micro_conditioning,
-        )
+    def backbone_options(self) -> dict[str, Any]:
+        return {"micro_conditioning": self.hparams.micro_conditioning}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal as signal_module
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,6 +12,8 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_refdpo import DiffusionDPOModule, PreferenceDataModule, ReferenceModelUpdate
+from lightning_refdpo.data.latent_cache import CachedPreferenceCollator, load_empty_prompt, write_latent_cache
+from lightning_refdpo.data.preference import PairTransform, PreferenceCollator
 from lightning_refdpo.metrics import RewardScore
 
 
@@ -134,3 +137,38 @@ def tiny_datamodule(tiny_data: dict) -> PreferenceDataModule:
         train_batch_size=2,
         val_batch_size=2,
     )
+
+
+@dataclass
+class CachedPairs:
+    """The same pairs as a latent-cache batch and as a pixel batch (see :func:`cache_pairs`)."""
+
+    cached: dict
+    uncached: dict
+    rows: list[dict]
+    empty_prompt: dict[str, torch.Tensor]
+
+
+def cache_pairs(module: DiffusionDPOModule, tiny_data: dict, folder: Path, num_pairs: int = 3) -> CachedPairs:
+    """The first ``num_pairs`` training pairs of ``tiny_data`` written to a latent cache in ``folder``
+    by ``module``'s backbone and read back, beside the same pairs as pixels."""
+    data = PreferenceDataModule(dataset_name="parquet", data_files=tiny_data, resolution=32, num_workers=0)
+    pairs = data.load_pairs("train", num_pairs, PairTransform(32, random_crop=False, random_flip=False))
+    cache = write_latent_cache(module.backbone, {"train": pairs}, folder, batch_size=2)
+    empty = load_empty_prompt(cache)
+    cached_data = PreferenceDataModule(latent_cache=str(cache), num_workers=0, validation_split=None)
+    cached_data.setup("fit")
+    rows = [cached_data.splits["train"].split[i] for i in range(num_pairs)]
+    uncached = PreferenceCollator()([pairs[i] for i in range(num_pairs)])
+    return CachedPairs(CachedPreferenceCollator(empty)(rows), uncached, rows, empty)
+
+
+def assert_same_step(module: DiffusionDPOModule, a: dict, b: dict, timesteps: torch.Tensor) -> None:
+    """The preference step of batches ``a`` and ``b`` gives the same errors (same noise and latent
+    draws: ``z = mean + std * eps`` takes the global RNG)."""
+    outputs = []
+    for batch in (a, b):
+        torch.manual_seed(0)
+        outputs.append(module.preference_step(batch, timesteps, generator=torch.Generator().manual_seed(0)))
+    for key in ("mse_w", "mse_l", "ref_mse_w", "ref_mse_l"):
+        torch.testing.assert_close(getattr(outputs[0], key), getattr(outputs[1], key), rtol=1e-4, atol=1e-6)

@@ -7,6 +7,7 @@ from peft.tuners.lora import LoraLayer
 from lightning_refdpo import DiffusionDPOModule, lora
 from lightning_refdpo.batch import PreferenceStepOutput
 from lightning_refdpo.hub import ModelLoadError, absolute_if_local
+from lightning_refdpo.losses import LOSS_TYPES, LOSSES
 from tests.helpers import make_batch, make_module
 
 
@@ -161,7 +162,7 @@ def test_reference_update_and_reset(tiny_model):
 
 
 def test_soft_update_refused_with_lora_and_exact_for_full(tiny_model):
-    with pytest.raises(ValueError, match="not exact with LoRA"):
+    with pytest.raises(ValueError, match="not exact on LoRA factors"):
         lora_module = make_module(tiny_model, lora_rank=2)
         lora_module.reference.update(lora_module.policy, alpha=0.5)
     module = make_module(tiny_model)
@@ -271,3 +272,16 @@ def test_zero_terminal_snr_scheduler_gives_a_finite_reward_scale_and_loss(tiny_m
     torch.testing.assert_close(lam[:500], plain[:500], rtol=0.2, atol=0.0)
     out = module.preference_step(make_batch(), torch.tensor([999, 0]))
     assert torch.isfinite(out.loss).all()
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_only_a_loss_that_needs_the_reference_runs_its_forward(tiny_model, loss_type):
+    module = make_module(tiny_model, loss_type=loss_type)
+    forwards = []
+    predict = module.backbone.predict
+    module.backbone.predict = lambda denoiser, *args: forwards.append(denoiser) or predict(denoiser, *args)
+    batch = make_batch()
+    out = module.preference_step(batch, batch["timesteps"])
+    reference = [module.reference.model] if LOSSES[loss_type].needs_reference else []
+    assert forwards == [module.policy, *reference]
+    assert (out.reward_margin is None) == (loss_type == "sft") and torch.isfinite(out.loss).all()

@@ -27,7 +27,6 @@ class UpdatableReference(Protocol):
 
     policy: torch.nn.Module
     reference: ReferenceStrategy
-    hparams: Any
 
     def estimate_divergence(
         self, batch: PreferenceBatch, num_samples: int, candidate: str, *, sample_seeds: list[int]
@@ -112,20 +111,8 @@ class ReferenceModelUpdate(Callback):
         self.last_event_step = 0
 
     def setup(self, trainer: Trainer, pl_module: UpdatableReference, stage: str) -> None:
-        if stage != "fit" or self.alpha == 1.0:
-            return
-        if pl_module.reference.uses_lora:
-            raise ValueError(
-                f"ReferenceModelUpdate.alpha={self.alpha} is a soft update, which is not exact on LoRA factors; "
-                "use alpha: 1.0 with LoRA, or full fine-tuning (lora_rank: null) for a soft update"
-            )
-        dtype = pl_module.reference.dtype(pl_module.policy)
-        if dtype.itemsize < 4:
-            raise ValueError(
-                f"ReferenceModelUpdate.alpha={self.alpha} with a {dtype} reference "
-                f"(model.frozen_dtype: {pl_module.hparams.frozen_dtype}): 16-bit rounding would swallow "
-                "the small steps of a soft update; use frozen_dtype: null (or float32), or alpha: 1.0"
-            )
+        if stage == "fit":
+            pl_module.reference.check_update(pl_module.policy, self.alpha)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

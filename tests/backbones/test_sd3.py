@@ -12,14 +12,11 @@ from diffusers import StableDiffusion3Pipeline
 
 from lightning_refdpo import ReferenceModelUpdate, lora
 from lightning_refdpo.cli import build_cli
-from lightning_refdpo.data import PreferenceDataModule
-from lightning_refdpo.data.latent_cache import CachedPreferenceCollator, load_empty_prompt, write_latent_cache
-from lightning_refdpo.data.preference import PairTransform, PreferenceCollator
 from lightning_refdpo.export import export_checkpoint
 from lightning_refdpo.losses import LOSS_TYPES
 from lightning_refdpo.sd3 import StableDiffusion3DPOModule
 from lightning_refdpo.sources import pipeline_from_export
-from tests.helpers import fit_tiny, make_batch, make_module
+from tests.helpers import assert_same_step, cache_pairs, fit_tiny, make_batch, make_module
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -99,22 +96,9 @@ def test_training_steps_and_reference_update(tiny_sd3, tiny_data, module_kwargs)
 
 def test_latent_cache_gives_the_uncached_step(tiny_sd3, tiny_data, tmp_path):
     module = sd3(tiny_sd3, lora_rank=2)
-    data = PreferenceDataModule(dataset_name="parquet", data_files=tiny_data, resolution=32, num_workers=0)
-    pairs = data.load_pairs("train", 3, PairTransform(32, random_crop=False, random_flip=False))
-    cache = write_latent_cache(module.backbone, {"train": pairs}, tmp_path / "cache", batch_size=2)
-    empty = load_empty_prompt(cache)
-    assert set(empty) == {"encoder_hidden_states", "pooled_projections"}
-    cached_data = PreferenceDataModule(latent_cache=str(cache), num_workers=0, validation_split=None)
-    cached_data.setup("fit")
-    cached = CachedPreferenceCollator(empty)([cached_data.splits["train"].split[i] for i in range(3)])
-    uncached = PreferenceCollator()([pairs[i] for i in range(3)])
-    t = torch.tensor([10, 500, 999])
-    torch.manual_seed(0)
-    a = module.preference_step(uncached, t, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    b = module.preference_step(cached, t, generator=torch.Generator().manual_seed(0))
-    for key in ("mse_w", "mse_l", "ref_mse_w", "ref_mse_l"):
-        torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-4, atol=1e-6)
+    pairs = cache_pairs(module, tiny_data, tmp_path / "cache")
+    assert set(pairs.empty_prompt) == {"encoder_hidden_states", "pooled_projections"}
+    assert_same_step(module, pairs.uncached, pairs.cached, torch.tensor([10, 500, 999]))
 
 
 @pytest.mark.parametrize("module_kwargs", [{"lora_rank": 2, "lora_alpha": 4}, {}], ids=["lora", "full"])

@@ -13,10 +13,10 @@ from PIL import Image
 from lightning_refdpo import PreferenceDataModule, ReferenceModelUpdate, lora
 from lightning_refdpo.callbacks import PreferenceEvaluation
 from lightning_refdpo.cli import build_cli, run_cli
-from lightning_refdpo.data.latent_cache import CachedPreferenceCollator, load_empty_prompt, write_latent_cache
+from lightning_refdpo.data.latent_cache import CachedPreferenceCollator
 from lightning_refdpo.data.preference import PairTransform, PreferenceCollator
 from lightning_refdpo.sdxl import StableDiffusionXLDPOModule
-from tests.helpers import Brightness, fit_tiny, make_module, unet_weights
+from tests.helpers import Brightness, assert_same_step, cache_pairs, fit_tiny, make_module, unet_weights
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -132,28 +132,15 @@ def test_training_steps_and_reference_update(tiny_sdxl, tiny_data, module_kwargs
 
 def test_latent_cache_holds_both_embeddings_the_pooled_one_and_the_crop(tiny_sdxl, tiny_data, tmp_path):
     module = sdxl(tiny_sdxl, lora_rank=2)
-    data = PreferenceDataModule(dataset_name="parquet", data_files=tiny_data, resolution=32, num_workers=0)
-    pairs = data.load_pairs("train", 3, PairTransform(32, random_crop=False, random_flip=False))
-    cache = write_latent_cache(module.backbone, {"train": pairs}, tmp_path / "cache", batch_size=2)
-    empty = load_empty_prompt(cache)
-    assert set(empty) == {"encoder_hidden_states", "text_embeds"}
+    pairs = cache_pairs(module, tiny_data, tmp_path / "cache")
+    assert set(pairs.empty_prompt) == {"encoder_hidden_states", "text_embeds"}
+    assert torch.equal(pairs.cached["original_size"], pairs.uncached["original_size"])
+    assert_same_step(module, pairs.uncached, pairs.cached, torch.tensor([10, 500, 990]))
 
-    cached_data = PreferenceDataModule(latent_cache=str(cache), num_workers=0, validation_split=None)
-    cached_data.setup("fit")
-    rows = [cached_data.splits["train"].split[i] for i in range(3)]
-    cached = CachedPreferenceCollator(empty)(rows)
-    uncached = PreferenceCollator()([pairs[i] for i in range(3)])
-    assert torch.equal(cached["original_size"], uncached["original_size"])
-    t = torch.tensor([10, 500, 990])
-    torch.manual_seed(0)  # the latent sample z = mean + std * eps
-    a = module.preference_step(uncached, t, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    b = module.preference_step(cached, t, generator=torch.Generator().manual_seed(0))
-    for key in ("mse_w", "mse_l", "ref_mse_w", "ref_mse_l"):
-        torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-4, atol=1e-6)
-
-    dropped = CachedPreferenceCollator(empty)([{**row, "drop_caption": True} for row in rows[:1]])
-    assert torch.equal(dropped["text_embeds"][0], empty["text_embeds"])
+    dropped = CachedPreferenceCollator(pairs.empty_prompt)(
+        [{**row, "drop_caption": True} for row in pairs.rows[:1]]
+    )
+    assert torch.equal(dropped["text_embeds"][0], pairs.empty_prompt["text_embeds"])
 
 
 def test_evaluation_callback_generates_with_the_sdxl_pipeline(tiny_sdxl, tiny_data, tmp_path):
