@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal as signal_module
 from dataclasses import dataclass
@@ -172,3 +173,24 @@ def assert_same_step(module: DiffusionDPOModule, a: dict, b: dict, timesteps: to
         outputs.append(module.preference_step(batch, timesteps, generator=torch.Generator().manual_seed(0)))
     for key in ("mse_w", "mse_l", "ref_mse_w", "ref_mse_l"):
         torch.testing.assert_close(getattr(outputs[0], key), getattr(outputs[1], key), rtol=1e-4, atol=1e-6)
+
+
+def build_recipe(configs: list, model: str, tiny_data: dict, root: Path, *extra: str):
+    """The CLI of ``fit`` with the recipe ``configs`` on the tiny ``model`` and data, on one CPU
+    (built, not run)."""
+    from lightning_refdpo.cli import build_cli
+
+    return build_cli(
+        run=False,
+        args=[
+            *(f"--config={config}" for config in configs),
+            f"--model.init_args.pretrained_model_name_or_path={model}",
+            f"--data.init_args.data_files={json.dumps(tiny_data)}",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.num_nodes=1",
+            "--trainer.strategy=auto",
+            f"--trainer.default_root_dir={root}",
+            *extra,
+        ],
+    )

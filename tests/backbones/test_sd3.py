@@ -2,7 +2,6 @@
 code, every loss, the reference update, the latent cache, export through diffusers' own API and
 an exact resume."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +10,11 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from lightning_refdpo import ReferenceModelUpdate, lora
-from lightning_refdpo.cli import build_cli
 from lightning_refdpo.export import export_checkpoint
 from lightning_refdpo.losses import LOSS_TYPES
 from lightning_refdpo.sd3 import StableDiffusion3DPOModule
 from lightning_refdpo.sources import pipeline_from_export
-from tests.helpers import assert_same_step, cache_pairs, fit_tiny, make_batch, make_module
+from tests.helpers import assert_same_step, build_recipe, cache_pairs, fit_tiny, make_batch, make_module
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -149,19 +147,7 @@ def test_resume_continues_exactly(tiny_sd3, tiny_data, tmp_path):
 @pytest.mark.parametrize("overlays", [[], ["refdpo"], ["lora"], ["refdpo", "lora"]], ids="+".join)
 def test_sd3_recipes_build_the_sd3_module(overlays, tiny_sd3, tiny_data, tmp_path):
     configs = [CONFIGS / "sd3" / f"{name}.yaml" for name in ("dpo", *overlays)]
-    cli = build_cli(
-        run=False,
-        args=[
-            *(f"--config={config}" for config in configs),
-            f"--model.init_args.pretrained_model_name_or_path={tiny_sd3}",
-            f"--data.init_args.data_files={json.dumps(tiny_data)}",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
-            "--trainer.num_nodes=1",
-            "--trainer.strategy=auto",
-            f"--trainer.default_root_dir={tmp_path}",
-        ],
-    )
+    cli = build_recipe(configs, tiny_sd3, tiny_data, tmp_path)
     assert type(cli.model) is StableDiffusion3DPOModule and cli.model.hparams.beta == 100
     assert cli.model.uses_lora == ("lora" in overlays)
     if cli.model.uses_lora:

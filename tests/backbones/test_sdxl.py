@@ -12,11 +12,19 @@ from PIL import Image
 
 from lightning_refdpo import PreferenceDataModule, ReferenceModelUpdate, lora
 from lightning_refdpo.callbacks import PreferenceEvaluation
-from lightning_refdpo.cli import build_cli, run_cli
+from lightning_refdpo.cli import run_cli
 from lightning_refdpo.data.latent_cache import CachedPreferenceCollator
 from lightning_refdpo.data.preference import PairTransform, PreferenceCollator
 from lightning_refdpo.sdxl import StableDiffusionXLDPOModule
-from tests.helpers import Brightness, assert_same_step, cache_pairs, fit_tiny, make_module, unet_weights
+from tests.helpers import (
+    Brightness,
+    assert_same_step,
+    build_recipe,
+    cache_pairs,
+    fit_tiny,
+    make_module,
+    unet_weights,
+)
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -174,20 +182,9 @@ def test_sdxl_configs_build_the_sdxl_module_at_1024_px(overlays, tiny_sdxl, tiny
     assert yaml.safe_load(base.read_text())["model"]["init_args"]["vae_name_or_path"] == (
         "madebyollin/sdxl-vae-fp16-fix"
     )
-    cli = build_cli(
-        run=False,
-        args=[
-            f"--config={base}",
-            *(f"--config={CONFIGS / 'sdxl' / name}.yaml" for name in overlays),
-            f"--model.init_args.pretrained_model_name_or_path={tiny_sdxl}",
-            f"--model.init_args.vae_name_or_path={tiny_sdxl}/vae",
-            f"--data.init_args.data_files={json.dumps(tiny_data)}",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
-            "--trainer.num_nodes=1",
-            "--trainer.strategy=auto",
-            f"--trainer.default_root_dir={tmp_path}",
-        ],
+    configs = [base, *(CONFIGS / "sdxl" / f"{name}.yaml" for name in overlays)]
+    cli = build_recipe(
+        configs, tiny_sdxl, tiny_data, tmp_path, f"--model.init_args.vae_name_or_path={tiny_sdxl}/vae"
     )
     assert type(cli.model) is StableDiffusionXLDPOModule
     assert cli.model.uses_lora == ("lora" in overlays)
