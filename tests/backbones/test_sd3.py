@@ -7,14 +7,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+from lightning.pytorch import Trainer
 
 from lightning_refdpo import ReferenceModelUpdate, lora
+from lightning_refdpo.callbacks import PreferenceEvaluation
 from lightning_refdpo.export import export_checkpoint
 from lightning_refdpo.losses import LOSS_TYPES
 from lightning_refdpo.sd3 import StableDiffusion3DPOModule
 from lightning_refdpo.sources import pipeline_from_export
-from tests.helpers import assert_same_step, build_recipe, cache_pairs, fit_tiny, make_batch, make_module
+from tests.helpers import (
+    Brightness,
+    assert_same_step,
+    build_recipe,
+    cache_pairs,
+    fit_tiny,
+    make_batch,
+    make_module,
+    tiny_datamodule,
+)
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -120,6 +131,14 @@ def test_export_loads_with_diffusers_and_gives_the_modules_images(
     assert images(StableDiffusion3Pipeline.from_pretrained(tiny_sd3)).tolist() != expected.tolist()
     assert "StableDiffusion3Pipeline" in (output / "README.md").read_text()
 
+    whole = export_checkpoint(str(ckpt), str(tmp_path / "whole"), pipeline=True)
+    pipeline = DiffusionPipeline.from_pretrained(str(whole))
+    assert type(pipeline) is StableDiffusion3Pipeline and not any(
+        "lora" in k for k in pipeline.transformer.state_dict()
+    )
+    pipeline.scheduler = module.build_pipeline().scheduler
+    np.testing.assert_allclose(images(pipeline), expected, atol=1e-4)
+
 
 def test_resume_continues_exactly(tiny_sd3, tiny_data, tmp_path):
     """Four steps in one run, and the same run resumed from its checkpoint of step 2: same weights."""
@@ -157,3 +176,26 @@ def test_sd3_recipes_build_the_sd3_module(overlays, tiny_sd3, tiny_data, tmp_pat
         assert {"add_q_proj", "to_add_out", "to_q"} <= adapted, "both attention streams"
     sampler = type(cli.datamodule.timestep_sampler).__name__
     assert sampler == ("DiscountedTimestepSampler" if "refdpo" in overlays else "LogitNormalTimestepSampler")
+
+
+def test_evaluation_callback_generates_with_the_sd3_pipeline_and_its_sampler(tiny_sd3, tiny_data, tmp_path):
+    callback = PreferenceEvaluation(
+        prompts=["a red cat"], scorers=[Brightness()], seeds=[0, 1], num_inference_steps=2, resolution=32
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        callbacks=[callback],
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+    )
+    trainer.validate(sd3(tiny_sd3, lora_rank=2), tiny_datamodule(tiny_data))
+    metrics = trainer.callback_metrics
+    assert metrics["eval/Brightness"].item() == pytest.approx(metrics["eval/initial/Brightness"].item())
+    assert callback.baseline_images.shape == (2, 3, 32, 32)
+    assert (callback.config.guidance_scale, callback.config.scheduler) == (
+        4.5,
+        "FlowMatchEulerDiscreteScheduler",
+    )
