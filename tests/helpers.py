@@ -33,9 +33,14 @@ def fit_tiny(
 ) -> Trainer:
     """Fit ``module`` for ``max_steps`` on the 32 px parquet pairs of ``data_files``: CPU, no
     validation, logger or checkpoints unless ``trainer_kwargs`` say otherwise."""
-    options = {"logger": False, "enable_checkpointing": False, "limit_val_batches": 0, **trainer_kwargs}
+    options = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "limit_val_batches": 0,
+        **trainer_kwargs,
+    }
     trainer = Trainer(
-        accelerator="cpu",
         max_steps=max_steps,
         enable_progress_bar=False,
         enable_model_summary=False,

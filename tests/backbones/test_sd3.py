@@ -16,6 +16,7 @@ from lightning_refdpo.export import export_checkpoint
 from lightning_refdpo.losses import LOSS_TYPES
 from lightning_refdpo.sd3 import StableDiffusion3DPOModule
 from lightning_refdpo.sources import pipeline_from_export
+from lightning_refdpo.testing import save_tiny_sd3
 from tests.helpers import (
     Brightness,
     assert_same_step,
@@ -199,3 +200,13 @@ def test_evaluation_callback_generates_with_the_sd3_pipeline_and_its_sampler(tin
         4.5,
         "FlowMatchEulerDiscreteScheduler",
     )
+
+
+def test_sd35_blocks_train_with_both_attentions_adapted(tiny_data, tmp_path):
+    """SD3.5 Medium's MMDiT-X (a second attention in the first blocks, RMS-normed q/k)."""
+    path = save_tiny_sd3(tmp_path / "model", dual_attention_layers=(0,), qk_norm="rms_norm")
+    module = sd3(str(path), lora_rank=2, learning_rate=0.01)
+    adapted = {name for name, m in module.policy.named_modules() if hasattr(m, "lora_A")}
+    assert any(".attn2." in name for name in adapted) and any(name.endswith("add_q_proj") for name in adapted)
+    trainer = fit_tiny(module, tiny_data, max_steps=2, callbacks=[ReferenceModelUpdate(every_n_steps=1)])
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
