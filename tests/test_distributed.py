@@ -32,23 +32,26 @@ def launch(args: list[str], world_size: int, root: Path) -> None:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NODE_RANK": "0"}
     env |= {"WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "lightning_refdpo.cli", *args]
+    # Each rank writes to its own file: a pipe read one rank after the other would let a rank that
+    # fills its pipe block while the other waits for it in a collective.
+    root.mkdir(parents=True, exist_ok=True)
+    logs = [root / f"rank{r}.log" for r in range(world_size)]
+    files = [log.open("wb") for log in logs]
     processes = [
         subprocess.Popen(
-            command,
-            cwd=REPO,
-            env={**env, "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            command, cwd=REPO, env={**env, "LOCAL_RANK": str(r)}, stdout=file, stderr=subprocess.STDOUT
         )
-        for r in range(world_size)
+        for r, file in enumerate(files)
     ]
     try:
-        outputs = [p.communicate(timeout=300)[0].decode() for p in processes]
-    finally:
         for p in processes:
+            p.wait(timeout=300)
+    finally:
+        for p, file in zip(processes, files, strict=True):
             p.kill()
-    for rank, (p, output) in enumerate(zip(processes, outputs, strict=True)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{output[-3000:]}"
+            file.close()
+    for rank, (p, log) in enumerate(zip(processes, logs, strict=True)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{log.read_text()[-3000:]}"
 
 
 def test_ddp_two_processes_agree_and_match_one_process(tiny_model, tiny_data, tmp_path):
