@@ -153,31 +153,55 @@ class CachedPairs:
     uncached: dict
     rows: list[dict]
     empty_prompt: dict[str, torch.Tensor]
+    num_loaded: int
+    num_cached: int
 
 
 def cache_pairs(module: DiffusionDPOModule, tiny_data: dict, folder: Path, num_pairs: int = 3) -> CachedPairs:
-    """The first ``num_pairs`` training pairs of ``tiny_data`` written to a latent cache in ``folder``
-    by ``module``'s backbone and read back, beside the same pairs as pixels."""
+    """Every training pair of ``tiny_data`` written to a latent cache in ``folder`` by ``module``'s
+    backbone and read back; the first ``num_pairs`` as a cached batch beside the same pairs as pixels."""
     data = PreferenceDataModule(dataset_name="parquet", data_files=tiny_data, resolution=32, num_workers=0)
-    pairs = data.load_pairs("train", num_pairs, PairTransform(32, random_crop=False, random_flip=False))
-    cache = write_latent_cache(module.backbone, {"train": pairs}, folder, batch_size=2)
+    pairs = data.load_pairs("train", None, PairTransform(32, random_crop=False, random_flip=False))
+    cache = write_latent_cache(module.backbone, {"train": pairs}, folder, batch_size=5)
     empty = load_empty_prompt(cache)
     cached_data = PreferenceDataModule(latent_cache=str(cache), num_workers=0, validation_split=None)
     cached_data.setup("fit")
-    rows = [cached_data.splits["train"].split[i] for i in range(num_pairs)]
+    rows = [cached_data.splits["train"].split[i] for i in range(num_pairs)]  # the rows, without draws
     uncached = PreferenceCollator()([pairs[i] for i in range(num_pairs)])
-    return CachedPairs(CachedPreferenceCollator(empty)(rows), uncached, rows, empty)
+    cached = CachedPreferenceCollator(empty)(rows)
+    return CachedPairs(cached, uncached, rows, empty, len(pairs), len(cached_data.splits["train"]))
 
 
 def assert_same_step(module: DiffusionDPOModule, a: dict, b: dict, timesteps: torch.Tensor) -> None:
-    """The preference step of batches ``a`` and ``b`` gives the same errors (same noise and latent
-    draws: ``z = mean + std * eps`` takes the global RNG)."""
+    """The preference step of batches ``a`` and ``b`` gives the same loss and errors (same noise and
+    latent draws: ``z = mean + std * eps`` takes the global RNG)."""
     outputs = []
     for batch in (a, b):
         torch.manual_seed(0)
         outputs.append(module.preference_step(batch, timesteps, generator=torch.Generator().manual_seed(0)))
-    for key in ("mse_w", "mse_l", "ref_mse_w", "ref_mse_l"):
+    for key in ("loss", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l"):
         torch.testing.assert_close(getattr(outputs[0], key), getattr(outputs[1], key), rtol=1e-4, atol=1e-6)
+
+
+def validate_with_evaluation(module: DiffusionDPOModule, tiny_data: dict, root: Path):
+    """``trainer.validate`` of ``module`` with a ``PreferenceEvaluation`` of one prompt, two seeds and
+    two sampler steps at 32 px; returns the trainer and the callback."""
+    from lightning_refdpo.callbacks import PreferenceEvaluation
+
+    callback = PreferenceEvaluation(
+        prompts=["a red cat"], scorers=[Brightness()], seeds=[0, 1], num_inference_steps=2, resolution=32
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        callbacks=[callback],
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+    )
+    trainer.validate(module, tiny_datamodule(tiny_data))
+    return trainer, callback
 
 
 def build_recipe(configs: list, model: str, tiny_data: dict, root: Path, *extra: str):

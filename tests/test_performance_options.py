@@ -8,9 +8,8 @@ from lightning.pytorch import Trainer
 
 from lightning_refdpo import PreferenceDataModule
 from lightning_refdpo.cli import run_cli
-from lightning_refdpo.data.latent_cache import CachedPreferenceCollator, load_empty_prompt, write_latent_cache
-from lightning_refdpo.data.preference import PairTransform, PreferenceCollator
-from tests.helpers import make_batch, make_module
+from lightning_refdpo.data.latent_cache import CachedPreferenceCollator
+from tests.helpers import assert_same_step, cache_pairs, make_batch, make_module
 
 
 def losses(module, batch, seed=0):
@@ -20,23 +19,10 @@ def losses(module, batch, seed=0):
 
 def test_cached_and_uncached_training_give_the_same_loss(tiny_model, tiny_data, tmp_path):
     module = make_module(tiny_model, reward_scale=True)
-    dm = PreferenceDataModule(dataset_name="parquet", data_files=tiny_data, resolution=32, num_workers=0)
-    pairs = dm.load_pairs("train", None, PairTransform(32, random_crop=False, random_flip=False))
-    cache = write_latent_cache(module.backbone, {"train": pairs}, tmp_path / "cache", batch_size=5)
-
-    cached_dm = PreferenceDataModule(latent_cache=str(cache), num_workers=0, validation_split=None)
-    cached_dm.setup("fit")
-    assert len(cached_dm.splits["train"]) == len(pairs)
-    timesteps = torch.tensor([10, 500, 990])
-    uncached = PreferenceCollator()([pairs[i] for i in range(3)]) | {"timesteps": timesteps}
-    cached = CachedPreferenceCollator(load_empty_prompt(cache))(
-        [cached_dm.splits["train"].split[i] for i in range(3)]  # the rows, without training draws
-    )
-    cached["timesteps"] = timesteps
-    assert cached["caption"] == uncached["caption"]
-    a, b = losses(module, uncached), losses(module, cached)
-    for key in ("loss", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l"):
-        torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-4, atol=1e-6)
+    pairs = cache_pairs(module, tiny_data, tmp_path / "cache")
+    assert pairs.num_cached == pairs.num_loaded
+    assert pairs.cached["caption"] == pairs.uncached["caption"]
+    assert_same_step(module, pairs.uncached, pairs.cached, torch.tensor([10, 500, 990]))
 
 
 def test_cached_caption_dropout_uses_the_empty_prompt(tiny_model, tmp_path):

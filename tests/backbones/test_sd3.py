@@ -8,24 +8,21 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
-from lightning.pytorch import Trainer
 
 from lightning_refdpo import ReferenceModelUpdate, lora
-from lightning_refdpo.callbacks import PreferenceEvaluation
 from lightning_refdpo.export import export_checkpoint
 from lightning_refdpo.losses import LOSS_TYPES
 from lightning_refdpo.sd3 import StableDiffusion3DPOModule
 from lightning_refdpo.sources import pipeline_from_export
 from lightning_refdpo.testing import save_tiny_sd3
 from tests.helpers import (
-    Brightness,
     assert_same_step,
     build_recipe,
     cache_pairs,
     fit_tiny,
     make_batch,
     make_module,
-    tiny_datamodule,
+    validate_with_evaluation,
 )
 
 CONFIGS = Path(__file__).parents[2] / "configs"
@@ -180,19 +177,7 @@ def test_sd3_recipes_build_the_sd3_module(overlays, tiny_sd3, tiny_data, tmp_pat
 
 
 def test_evaluation_callback_generates_with_the_sd3_pipeline_and_its_sampler(tiny_sd3, tiny_data, tmp_path):
-    callback = PreferenceEvaluation(
-        prompts=["a red cat"], scorers=[Brightness()], seeds=[0, 1], num_inference_steps=2, resolution=32
-    )
-    trainer = Trainer(
-        accelerator="cpu",
-        callbacks=[callback],
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=1,
-    )
-    trainer.validate(sd3(tiny_sd3, lora_rank=2), tiny_datamodule(tiny_data))
+    trainer, callback = validate_with_evaluation(sd3(tiny_sd3, lora_rank=2), tiny_data, tmp_path)
     metrics = trainer.callback_metrics
     assert metrics["eval/Brightness"].item() == pytest.approx(metrics["eval/initial/Brightness"].item())
     assert callback.baseline_images.shape == (2, 3, 32, 32)

@@ -7,23 +7,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Trainer
 from PIL import Image
 
-from lightning_refdpo import PreferenceDataModule, ReferenceModelUpdate, lora
-from lightning_refdpo.callbacks import PreferenceEvaluation
+from lightning_refdpo import ReferenceModelUpdate, lora
 from lightning_refdpo.cli import run_cli
 from lightning_refdpo.data.latent_cache import CachedPreferenceCollator
 from lightning_refdpo.data.preference import PairTransform, PreferenceCollator
 from lightning_refdpo.sdxl import StableDiffusionXLDPOModule
 from tests.helpers import (
-    Brightness,
     assert_same_step,
     build_recipe,
     cache_pairs,
     fit_tiny,
     make_module,
     unet_weights,
+    validate_with_evaluation,
 )
 
 CONFIGS = Path(__file__).parents[2] / "configs"
@@ -152,22 +150,7 @@ def test_latent_cache_holds_both_embeddings_the_pooled_one_and_the_crop(tiny_sdx
 
 
 def test_evaluation_callback_generates_with_the_sdxl_pipeline(tiny_sdxl, tiny_data, tmp_path):
-    callback = PreferenceEvaluation(
-        prompts=["a red cat"], scorers=[Brightness()], seeds=[0, 1], num_inference_steps=2, resolution=32
-    )
-    trainer = Trainer(
-        accelerator="cpu",
-        callbacks=[callback],
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=1,
-    )
-    data = PreferenceDataModule(
-        dataset_name="parquet", data_files=tiny_data, resolution=32, num_workers=0, val_batch_size=2
-    )
-    trainer.validate(sdxl(tiny_sdxl, lora_rank=2), data)
+    trainer, callback = validate_with_evaluation(sdxl(tiny_sdxl, lora_rank=2), tiny_data, tmp_path)
     metrics = trainer.callback_metrics
     assert metrics["eval/Brightness"].item() == pytest.approx(metrics["eval/initial/Brightness"].item())
     assert callback.baseline_images.shape == (2, 3, 32, 32)
