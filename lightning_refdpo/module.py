@@ -291,9 +291,8 @@ class DiffusionDPOModule(LightningModule):
         self.guard.count_pairs(len(batch["caption"]), skipped)
         if skipped:
             self.log("train/skipped_pairs", float(skipped), on_step=False, on_epoch=True, reduce_fx="sum")
-        if on_any_rank(
-            not batch["caption"], self.trainer.strategy, self.device
-        ):  # every rank skips, as DDP needs
+        # A batch of undecodable pairs only: every rank skips the step, as DDP needs.
+        if on_any_rank(not batch["caption"], self.trainer.strategy, self.device):
             return None
         figures = self.preference_step(batch, batch["timesteps"]).summary()
         if self.guard.skip_nonfinite(figures["loss"], self.trainer.strategy, self.global_step):

@@ -138,7 +138,13 @@ class Backbone(torch.nn.Module, ABC):
         if "latents_mean_w" in batch:
             mean = torch.cat([batch["latents_mean_w"], batch["latents_mean_l"]])
             std = torch.cat([batch["latents_std_w"], batch["latents_std_l"]])
-            cond = {k: batch[k] for k in self.prompt_columns() if k in batch}
+            missing = [k for k in self.prompt_columns() if k not in batch]
+            if missing:
+                raise KeyError(
+                    f"the latent cache has no {', '.join(missing)} column: it was written for another model "
+                    "family; rebuild it with lightning-refdpo cache and this model's config"
+                )
+            cond = {k: batch[k] for k in self.prompt_columns()}
         elif "latents_w" in batch:
             mean = torch.cat([batch["latents_w"], batch["latents_l"]]).to(self.device)
             std = torch.zeros_like(mean)

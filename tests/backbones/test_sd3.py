@@ -195,3 +195,19 @@ def test_sd35_blocks_train_with_both_attentions_adapted(tiny_data, tmp_path):
     assert any(".attn2." in name for name in adapted) and any(name.endswith("add_q_proj") for name in adapted)
     trainer = fit_tiny(module, tiny_data, max_steps=2, callbacks=[ReferenceModelUpdate(every_n_steps=1)])
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_a_latent_cache_of_another_family_is_refused_by_name(tiny_sd3):
+    module = sd3(tiny_sd3)
+    batch = {
+        "caption": ["x"],
+        **{
+            k: torch.zeros(1, 16, 16, 16)
+            for k in ("latents_mean_w", "latents_std_w", "latents_mean_l", "latents_std_l")
+        },
+        "encoder_hidden_states": torch.zeros(1, 16 + 256, 64),  # an SD1.5 / SDXL cache: no pooled_projections
+    }
+    with pytest.raises(
+        KeyError, match="no pooled_projections column: it was written for another model family"
+    ):
+        module.backbone.encode_batch(batch)
