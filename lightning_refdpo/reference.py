@@ -173,7 +173,7 @@ class LoRAReference(ReferenceStrategy):
 
 
 class CopiedReference(ReferenceStrategy):
-    """Full fine-tuning: ``model`` (the reference) and ``initial`` are frozen copies of the policy
+    """Full fine-tuning: ``model`` (the reference) and ``initial_model`` are frozen copies of the policy
     denoiser, in ``dtype`` (``None``: the policy's)."""
 
     uses_lora = False

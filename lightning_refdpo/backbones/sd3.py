@@ -130,7 +130,7 @@ class StableDiffusion3Backbone(Backbone):
     # ------------------------------------------------------------------ diffusion
     def sigma(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``sigma_t`` of integer ``timesteps``, shaped to broadcast over ``like``."""
-        sigma = self.sigmas.to(timesteps.device)[timesteps]
+        sigma = self.sigmas[timesteps]
         return sigma.reshape(-1, *[1] * (like.ndim - 1)).to(like.dtype)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -149,7 +149,7 @@ class StableDiffusion3Backbone(Backbone):
 
     def denoiser_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
         """``sigma_t * T``, the timestep SD3's transformer takes (``scheduler.timesteps``)."""
-        return flow_model_timesteps(self.sigmas.to(timesteps.device)[timesteps], self.num_train_timesteps)
+        return flow_model_timesteps(self.sigmas[timesteps], self.num_train_timesteps)
 
     # ------------------------------------------------------------------ generation
     def lora_layers(self, peft_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
