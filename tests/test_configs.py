@@ -5,6 +5,7 @@ overlays cost what they state, and need open_clip (the ``hpsv2`` extra) only to 
 
 import math
 import re
+import shutil
 import sys
 from itertools import takewhile
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from lightning_refdpo.cli import RefDPOCLI, build_cli
+from tests.test_console import assert_one_line_error, fit_args, run
 
 REPO = Path(__file__).parents[1]
 CONFIGS = REPO / "configs"
@@ -166,6 +168,37 @@ def test_print_config_of_an_evaluation_overlay_needs_no_open_clip(monkeypatch, c
     callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
     scorers = [scorer["class_path"] for scorer in callbacks[-2]["init_args"]["scorers"]]
     assert scorers == ["lightning_refdpo.metrics.PickScore", "lightning_refdpo.metrics.HPSv2"]
+
+
+def hub_cache_with(folder: Path, *repo_ids: str) -> Path:
+    """A Hugging Face hub cache in which each of ``repo_ids`` is a copy of ``folder``, so
+    ``from_pretrained(repo_id)`` loads it offline as it loads a model fetched once online."""
+    cache = folder.parent / f"{folder.name}-hub"
+    for repo_id in repo_ids:
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        revision = "0" * 40
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(revision)
+        shutil.copytree(folder, repo / "snapshots" / revision)
+    return cache
+
+
+def test_fit_with_an_evaluation_overlay_without_open_clip_names_the_extra(
+    tiny_model, tiny_data, clip_dir, tmp_path
+):
+    """The overlay as shipped, PickScore's hub ids served from a local cache, open_clip not importable:
+    one line naming the extra, exit 2, before any step."""
+    blocked = tmp_path / "no_open_clip"
+    blocked.mkdir()
+    (blocked / "open_clip.py").write_text("raise ModuleNotFoundError(\"No module named 'open_clip'\")\n")
+    cache = hub_cache_with(
+        Path(clip_dir), "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    )
+    root = tmp_path / "run"
+    args = fit_args(tiny_model, tiny_data, root, f"--config={CONFIGS / 'sd15' / 'eval.yaml'}")
+    result = run(*args, env={"PYTHONPATH": f"{blocked}:{REPO}", "HF_HUB_CACHE": str(cache)})
+    assert_one_line_error(result, "HPSv2 needs open_clip", "pip install 'lightning-refdpo[hpsv2]'")
+    assert not root.exists(), "refused before training"
 
 
 TYPOS = {
