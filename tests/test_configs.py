@@ -170,13 +170,12 @@ def test_print_config_of_an_evaluation_overlay_needs_no_open_clip(monkeypatch, c
     assert scorers == ["lightning_refdpo.metrics.PickScore", "lightning_refdpo.metrics.HPSv2"]
 
 
-def hub_cache_with(folder: Path, *repo_ids: str) -> Path:
-    """A Hugging Face hub cache in which each of ``repo_ids`` is a copy of ``folder``, so
+def hub_cache_with(cache: Path, folder: Path, *repo_ids: str) -> Path:
+    """``cache``, a Hugging Face hub cache in which each of ``repo_ids`` is a copy of ``folder``, so
     ``from_pretrained(repo_id)`` loads it offline as it loads a model fetched once online."""
-    cache = folder.parent / f"{folder.name}-hub"
+    revision = "0" * 40
     for repo_id in repo_ids:
         repo = cache / f"models--{repo_id.replace('/', '--')}"
-        revision = "0" * 40
         (repo / "refs").mkdir(parents=True)
         (repo / "refs" / "main").write_text(revision)
         shutil.copytree(folder, repo / "snapshots" / revision)
@@ -186,14 +185,13 @@ def hub_cache_with(folder: Path, *repo_ids: str) -> Path:
 def test_fit_with_an_evaluation_overlay_without_open_clip_names_the_extra(
     tiny_model, tiny_data, clip_dir, tmp_path
 ):
-    """The overlay as shipped, PickScore's hub ids served from a local cache, open_clip not importable:
-    one line naming the extra, exit 2, before any step."""
+    """The SD1.5 overlay as shipped, PickScore's hub ids served from a local cache and open_clip not
+    importable: one line naming the extra, exit 2, before any step."""
     blocked = tmp_path / "no_open_clip"
     blocked.mkdir()
     (blocked / "open_clip.py").write_text("raise ModuleNotFoundError(\"No module named 'open_clip'\")\n")
-    cache = hub_cache_with(
-        Path(clip_dir), "yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-    )
+    pickscore = ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    cache = hub_cache_with(tmp_path / "hub", Path(clip_dir), *pickscore)
     root = tmp_path / "run"
     args = fit_args(tiny_model, tiny_data, root, f"--config={CONFIGS / 'sd15' / 'eval.yaml'}")
     result = run(*args, env={"PYTHONPATH": f"{blocked}:{REPO}", "HF_HUB_CACHE": str(cache)})
