@@ -52,7 +52,12 @@ DESCRIPTION = (
     "Diffusion-DPO with reference-model updates and timestep-aware optimization (arXiv 2505.18736): "
     "train, validate, cache latents, evaluate and export."
 )
-JSONARGPARSE_REPORT = "Does not validate against any of the Union subtypes"
+# jsonargparse's wrappers around the error of a class it could not instantiate (a class inside a
+# list of classes gets both): the user is shown the error they wrap.
+JSONARGPARSE_REPORTS = (
+    "Does not validate against any of the Union subtypes",
+    "Problem with given class_path",
+)
 EXIT_USAGE = 2
 EXIT_SIGTERM = 128 + signal.SIGTERM
 # Errors that a user fixes in the config, the data or the model path: shown as one line, no traceback.
@@ -169,7 +174,7 @@ def main(args: list[str] | None = None) -> int:
 def user_message(err: BaseException) -> str:
     """The first line of ``err``, or of the check that failed inside jsonargparse's report of a
     class that could not be instantiated (which dumps the whole parsed namespace)."""
-    while err.__cause__ is not None and JSONARGPARSE_REPORT in str(err):
+    while err.__cause__ is not None and any(report in str(err) for report in JSONARGPARSE_REPORTS):
         err = err.__cause__
     text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     return str(text).strip().splitlines()[0] if str(text).strip() else type(err).__name__

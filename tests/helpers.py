@@ -119,7 +119,8 @@ class RecordRank(Callback):
 
 
 def logged_trainer(tmp_path, callbacks, **kwargs) -> Trainer:
-    """A CPU trainer that logs to TensorBoard under ``tmp_path`` and validates on one batch."""
+    """A CPU trainer that logs to TensorBoard under ``tmp_path`` and validates on one batch (unless
+    ``kwargs`` say otherwise)."""
     return Trainer(
         accelerator="cpu",
         callbacks=callbacks,
@@ -127,9 +128,7 @@ def logged_trainer(tmp_path, callbacks, **kwargs) -> Trainer:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=1,
-        **kwargs,
+        **{"num_sanity_val_steps": 0, "limit_val_batches": 1, **kwargs},
     )
 
 

@@ -15,8 +15,17 @@ SCRIPT = Path(sys.executable).parent / "lightning-refdpo"
 CONFIG = str(REPO / "configs" / "tiny.yaml")
 
 
-def run(*args: str, cwd: Path = REPO, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+def run(
+    *args: str, cwd: Path = REPO, timeout: int = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``lightning-refdpo *args`` offline, on one thread, with ``env`` added to the environment."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        **(env or {}),
+    }
     return subprocess.run(
         [str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

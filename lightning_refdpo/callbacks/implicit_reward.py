@@ -31,23 +31,48 @@ class PreferenceStepper(Protocol):
 
 
 class ImplicitRewardByTimestep(Callback):
-    """After every validation epoch: mean implicit reward and accuracy per timestep interval.
+    """After a validation epoch: mean implicit reward and accuracy per timestep interval.
 
     For each validation batch and each interval ``k`` of ``[k T / n, (k + 1) T / n)``, one ``t`` per
     pair is drawn uniformly inside the interval (seeded, so epochs compare) and the margin
     ``h = -0.5 ((mse_theta^w - mse_theta^l) - (mse_ref^w - mse_ref^l))`` is computed. Logged as
     ``implicit_reward/t<lo>-<hi>`` and ``implicit_acc/t<lo>-<hi>``; the numbers are written to
-    ``<log_dir>/implicit_reward/step<N>.json`` and plotted in ``step<N>.png``. It costs
-    ``num_intervals`` extra validation passes.
+    ``<log_dir>/implicit_reward/step<N>.json`` and plotted in ``step<N>.png``.
+
+    Each analysis costs ``num_intervals`` no-grad passes (policy and reference forwards) over the
+    validation batches it uses; ``every_n_steps`` and ``max_batches`` bound that cost.
+
+    Args:
+        num_intervals: equal intervals of ``t`` (the paper's Figure 2: 10).
+        seed: seed of the timesteps and noise, the same at every analysis.
+        every_n_steps: minimum optimizer steps between two analyses (``None``: every validation).
+        max_batches: validation batches per rank it uses, the first ones (``None``: all).
     """
 
-    def __init__(self, num_intervals: int = 10, seed: int = 0) -> None:
+    def __init__(
+        self,
+        num_intervals: int = 10,
+        seed: int = 0,
+        every_n_steps: int | None = None,
+        max_batches: int | None = None,
+    ) -> None:
         if num_intervals < 1:
             raise ValueError(f"ImplicitRewardByTimestep.num_intervals must be >= 1; got {num_intervals}")
+        for name, value in (("every_n_steps", every_n_steps), ("max_batches", max_batches)):
+            if value is not None and value < 1:
+                raise ValueError(f"ImplicitRewardByTimestep.{name} must be >= 1 or null; got {value}")
         self.num_intervals = num_intervals
         self.seed = seed
+        self.every_n_steps = every_n_steps
+        self.max_batches = max_batches
+        self.last_step = -1
+        self.active = False
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        since_last = trainer.global_step - self.last_step
+        self.active = not trainer.sanity_checking and (
+            self.every_n_steps is None or self.last_step < 0 or since_last >= self.every_n_steps
+        )
         self.margin_sum = torch.zeros(self.num_intervals, dtype=torch.float64)
         self.correct = torch.zeros(self.num_intervals, dtype=torch.float64)
         self.count = torch.zeros(self.num_intervals, dtype=torch.float64)
@@ -66,7 +91,8 @@ class ImplicitRewardByTimestep(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if trainer.sanity_checking or not batch["caption"]:
+        past_limit = self.max_batches is not None and batch_idx >= self.max_batches
+        if not self.active or past_limit or not batch["caption"]:
             return
         num_pairs = len(batch["caption"])
         for k, (lo, hi) in enumerate(self.intervals(pl_module.backbone.num_train_timesteps)):
@@ -83,8 +109,9 @@ class ImplicitRewardByTimestep(Callback):
             self.count[k] += num_pairs
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: PreferenceStepper) -> None:
-        if trainer.sanity_checking:
+        if not self.active:
             return
+        self.last_step = trainer.global_step
         totals = trainer.strategy.reduce(
             torch.stack([self.margin_sum, self.correct, self.count]), reduce_op="sum"
         )
@@ -129,3 +156,9 @@ class ImplicitRewardByTimestep(Callback):
         fig.savefig(stem.with_suffix(".png"), dpi=100)
         plt.close(fig)
         return stem.with_suffix(".png")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_step = state_dict["last_step"]

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import huggingface_hub.constants
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-IMAGE_SIZE = 32
+from transformers import CLIPModel, CLIPProcessor
 
 
 @pytest.fixture(autouse=True)
@@ -19,36 +14,6 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may reach the Hugging Face hub."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture(scope="session")
-def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny CLIP (width 32, 2 layers, 32 px images, patch 8) with a byte-level CLIP tokenizer, in one folder."""
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    characters = list(bytes_to_unicode().values())
-    vocab = characters + [c + "</w>" for c in characters] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")  # no merges: every character is its own token
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-
-    torch.manual_seed(0)
-    layers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-    text_config = {
-        **layers,
-        "vocab_size": len(vocab),
-        "max_position_embeddings": 77,
-        "bos_token_id": len(vocab) - 2,
-        "eos_token_id": len(vocab) - 1,
-        "pad_token_id": len(vocab) - 1,
-    }
-    vision_config = {**layers, "image_size": IMAGE_SIZE, "patch_size": 8}
-    config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16)
-    CLIPModel(config).save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="session")
