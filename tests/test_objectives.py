@@ -14,6 +14,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_refdpo import DiscountedTimestepSampler, ReferenceModelUpdate, StableDiffusionXLDPOModule, lora
+from lightning_refdpo.model_card import method_description
 from lightning_refdpo.testing import save_random_labeled_images
 from tests.helpers import fit_tiny, make_batch, make_module
 
@@ -166,3 +167,11 @@ def test_couples_condition_each_image_on_its_own_caption(tiny_model):
         ValueError, match="only a per-image loss can train \\(kto\\); model.loss_type is 'sigmoid'"
     ):
         module.preference_step({**pair, "caption_l": pair["caption"]}, pair["timesteps"])
+
+
+def test_model_card_names_the_objective_and_the_safeguard():
+    hparams = {"loss_type": "dspo", "beta": 0.001, "winner_preserving_mu": 0.2, "lora_rank": None}
+    assert method_description(hparams, None).startswith(
+        "DSPO (direct score preference optimization) (loss `dspo`, beta 0.001) with the winner-preserving "
+        "safeguard of Diffusion-SDPO (mu 0.2)."
+    )
