@@ -211,7 +211,9 @@ def bare_step(model: str, pairs: int):
         with torch.no_grad():
             ref_mse = (reference(noisy, t, cond).sample - noise).pow(2).mean((1, 2, 3))
         mse = (policy(noisy, t, cond).sample - noise).pow(2).mean((1, 2, 3))
-        loss = preference_loss(PreferenceErrors(*mse.chunk(2), *ref_mse.chunk(2)), LossOptions(beta=BETA)).mean()
+        loss = preference_loss(
+            PreferenceErrors(*mse.chunk(2), *ref_mse.chunk(2)), LossOptions(beta=BETA)
+        ).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
