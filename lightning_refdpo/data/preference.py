@@ -232,8 +232,8 @@ def stack_draws(pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 class PreferenceCollator:
     """Stacks pairs (pixels, or shipped latents; also unpaired couples), drops undecodable ones
-    (``num_skipped``), empties the captions drawn for dropout and stacks the pairs' drawn timesteps and noise seeds (training
-    pairs only)."""
+    (``num_skipped``), empties the captions drawn for dropout and stacks the pairs' drawn timesteps
+    and noise seeds (training pairs only)."""
 
     def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         pairs = [s for s in samples if s is not None]
