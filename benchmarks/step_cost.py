@@ -55,7 +55,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning_refdpo import DiffusionDPOModule, DiscountedTimestepSampler, PreferenceDataModule
 from lightning_refdpo.data.latent_cache import load_latent_split, write_latent_cache
 from lightning_refdpo.data.preference import PairTransform
-from lightning_refdpo.losses import preference_loss
+from lightning_refdpo.losses import LossOptions, PreferenceErrors, preference_loss
 from lightning_refdpo.testing import save_random_preference_set, save_tiny_stable_diffusion
 
 PRESETS = {
@@ -211,7 +211,9 @@ def bare_step(model: str, pairs: int):
         with torch.no_grad():
             ref_mse = (reference(noisy, t, cond).sample - noise).pow(2).mean((1, 2, 3))
         mse = (policy(noisy, t, cond).sample - noise).pow(2).mean((1, 2, 3))
-        loss = preference_loss(*mse.chunk(2), *ref_mse.chunk(2), beta=BETA).mean()
+        loss = preference_loss(
+            PreferenceErrors(*mse.chunk(2), *ref_mse.chunk(2)), LossOptions(beta=BETA)
+        ).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

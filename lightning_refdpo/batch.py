@@ -18,6 +18,10 @@ class PreferenceBatch(TypedDict, total=False):
 
     caption: list[str]
     """The prompt of each pair (``""`` where caption dropout hit)."""
+    caption_l: list[str]
+    """The loser's own prompt, in a batch of unpaired labelled images (``data.unpaired``): there a
+    "pair" couples a desirable image (the winner, ``caption``) with an undesirable one; only a
+    per-image loss (``kto``) reads such a batch."""
     num_skipped: int
     """Pairs of this batch dropped because an image could not be decoded."""
     timesteps: torch.Tensor
@@ -58,7 +62,9 @@ class PreferenceStepOutput:
     (``ref_``) the reference on the winner (``_w``) and loser (``_l``); ``reward_margin`` is the
     implicit reward margin ``h`` against the reference, ``initial_margin`` against the initial
     model (when asked for). A loss that needs no reference (``sft``) leaves the ``ref_`` errors
-    and the margin as ``None``.
+    and the margin as ``None``. A per-image loss (``kto``) gives ``loss`` per image, ``(2B,)``
+    winners first. ``loser_scale`` is the winner-preserving scale of the losers' gradient (a scalar,
+    with ``model.winner_preserving_mu``).
     """
 
     loss: torch.Tensor
@@ -68,6 +74,7 @@ class PreferenceStepOutput:
     ref_mse_w: torch.Tensor | None = None
     ref_mse_l: torch.Tensor | None = None
     initial_margin: torch.Tensor | None = None
+    loser_scale: torch.Tensor | None = None
 
     def summary(self) -> dict[str, torch.Tensor]:
         """Batch means (the loss averaged *after* the per-pair loss) and the implicit accuracy

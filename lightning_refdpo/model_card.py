@@ -20,6 +20,8 @@ def method_description(
 ) -> str:
     """One paragraph naming the objective and which of the paper's changes were used."""
     text = f"{LOSSES[hparams['loss_type']].title} (loss `{hparams['loss_type']}`, beta {hparams['beta']:g})"
+    if hparams.get("winner_preserving_mu") is not None:
+        text += f" with the winner-preserving safeguard of Diffusion-SDPO (mu {hparams['winner_preserving_mu']:g})"
     changes = []
     if reference_state is not None:
         changes.append(

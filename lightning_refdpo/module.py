@@ -25,7 +25,18 @@ from lightning_refdpo.checks import DTYPES, check_module_settings
 from lightning_refdpo.data.draws import NOISE_STREAM, pair_normal
 from lightning_refdpo.guard import TrainingGuard, on_any_rank
 from lightning_refdpo.hub import absolute_if_local
-from lightning_refdpo.losses import DEFAULT_IPO_TAU, LOSSES, implicit_reward_margin, preference_loss
+from lightning_refdpo.losses import (
+    DEFAULT_DMPO_ALPHA,
+    DEFAULT_IPO_TAU,
+    LOSS_OPTIONS,
+    LOSSES,
+    LossOptions,
+    PreferenceErrors,
+    implicit_reward_margin,
+    preference_loss,
+    scale_loser_gradient,
+    winner_preserving_scale,
+)
 from lightning_refdpo.reference import CopiedReference, LoRAReference, ReferenceStrategy
 
 # The frozen VAE, text encoders and denoiser copies stay in eval mode on purpose (see ``train``).
@@ -44,10 +55,23 @@ class DiffusionDPOModule(LightningModule):
         vae_name_or_path: a VAE (hub id or folder holding an ``AutoencoderKL``) instead of the
             model's own, e.g. ``madebyollin/sdxl-vae-fp16-fix``.
         loss_type: a key of ``losses.LOSSES``: ``sigmoid`` (Diffusion-DPO), ``ipo``, ``hinge``,
-            ``robust`` or ``sft`` (no reference forward).
-        beta: KL strength of DPO on the margin ``h`` that keeps the 0.5 (5000 for SD1.5 and SDXL).
+            ``robust``, ``sft`` (no reference forward), ``dspo``, ``dmpo`` or ``kto`` (Diffusion-KTO,
+            per image: on pairs the winner is desirable and the loser undesirable; also trains on
+            unpaired labelled images, ``data.unpaired``).
+        beta: KL strength of DPO on the margin ``h`` that keeps the 0.5 (5000 for SD1.5 and SDXL);
+            for ``kto`` it multiplies the per-image reward without the 0.5 (the public script's
+            ``--beta_dpo``, 1000); for ``dspo`` (``sd15`` form) it is also the scale of the score
+            shift (0.001 in the public SD1.5 recipe).
         label_smoothing: conservative / robust DPO ``eps``.
         ipo_tau: IPO regularization (``losses.DEFAULT_IPO_TAU``).
+        dspo_form: ``sd15`` or ``sdxl``, the two DSPO losses of the public code (``losses.dspo_loss``).
+        dmpo_alpha: DMPO's target ``q = 1 - alpha`` (``losses.DEFAULT_DMPO_ALPHA``).
+        kto_reference_point: ``batch_mean`` or ``class_means`` (``losses.kto_reference_point``).
+        kto_lambda_desirable, kto_lambda_undesirable: Diffusion-KTO's ``lambda_d`` and ``lambda_u``.
+        winner_preserving_mu: the safeguard of Diffusion-SDPO (arXiv 2511.03317), off with ``None``:
+            the gradient of the loser branch of a pairwise loss is scaled by
+            ``losses.winner_preserving_scale`` so that, to first order, a step never raises the
+            winners' error; ``mu`` in ``[0, 1]`` is the share of the winners' own descent kept.
         reward_scale: multiply ``h`` by ``lambda(t) = 1 + norm(1/sqrt(SNR(t)))`` (arXiv 2505.18736, Sec. 4.2).
         lora_rank: ``None`` trains the whole denoiser; an int trains peft LoRA adapters of that rank.
         lora_alpha: LoRA scaling numerator (default: ``lora_rank``).
@@ -85,6 +109,12 @@ class DiffusionDPOModule(LightningModule):
         beta: float = 5000.0,
         label_smoothing: float = 0.0,
         ipo_tau: float = DEFAULT_IPO_TAU,
+        dspo_form: str = "sd15",
+        dmpo_alpha: float = DEFAULT_DMPO_ALPHA,
+        kto_reference_point: str = "batch_mean",
+        kto_lambda_desirable: float = 1.0,
+        kto_lambda_undesirable: float = 1.0,
+        winner_preserving_mu: float | None = None,
         reward_scale: bool = False,
         lora_rank: int | None = None,
         lora_alpha: float | None = None,
@@ -108,11 +138,12 @@ class DiffusionDPOModule(LightningModule):
         max_skipped_share: float = 0.5,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters()
+        loss_options = {k: self.hparams[k] for k in LOSS_OPTIONS}
         check_module_settings(
-            loss_type, beta, label_smoothing, ipo_tau, lora_rank, learning_rate, frozen_dtype, attention,
+            loss_type, loss_options, winner_preserving_mu, lora_rank, learning_rate, frozen_dtype, attention,
             max_nonfinite_steps, max_skipped_share,
         )  # fmt: skip
-        self.save_hyperparameters()
         for key in ("pretrained_model_name_or_path", "vae_name_or_path"):
             self.hparams[key] = absolute_if_local(self.hparams[key])
         hp = self.hparams
@@ -193,14 +224,25 @@ class DiffusionDPOModule(LightningModule):
         against_initial: bool = False,
     ) -> PreferenceStepOutput:
         """Per-pair loss, margin ``h`` and prediction errors of a preference batch at ``timesteps``
-        (Diffusion-DPO, Wallace et al. 2024, Eq. 14; the reward scale of arXiv 2505.18736 Eq. 10);
-        with ``against_initial`` also the margin against the initial model (one more forward).
+        (Diffusion-DPO, Wallace et al. 2024, Eq. 14, or the ``loss_type`` of ``losses.LOSSES``; the
+        reward scale of arXiv 2505.18736 Eq. 10); with ``against_initial`` also the margin against
+        the initial model (one more forward).
 
         The policy sees winners and losers in one batched forward, the reference in one no-grad
         forward (none for a loss without reference); both share ``t`` and the noise within a pair.
         Noise comes from ``generator`` when given (validation, analysis), else from each pair's
-        ``noise_seeds`` (training batches, ``data/draws.py``), else from the global RNG.
+        ``noise_seeds`` (training batches, ``data/draws.py``), else from the global RNG. With
+        ``winner_preserving_mu`` the losers' errors enter the loss with their gradient scaled by
+        ``losses.winner_preserving_scale`` (Diffusion-SDPO).
         """
+        hp = self.hparams
+        objective = LOSSES[hp.loss_type]
+        if "caption_l" in batch and not objective.per_image:
+            raise ValueError(
+                f"this batch couples unpaired labelled images (data.unpaired), which only a per-image loss "
+                f"can train ({', '.join(k for k, v in LOSSES.items() if v.per_image)}); model.loss_type is "
+                f"{hp.loss_type!r}: train it on preference pairs (data.unpaired: false)"
+            )
         latents_w, latents_l, cond = self.backbone.encode_batch(batch)
         if generator is not None:
             noise = torch.randn(latents_w.shape, generator=generator).to(latents_w)
@@ -213,27 +255,47 @@ class DiffusionDPOModule(LightningModule):
         cond = self.backbone.pair_conditioning(cond)
         noisy = self.backbone.add_noise(latents, noise, timesteps)
         target = self.backbone.diffusion_target(latents, noise, timesteps)
-        weights = self.reward_scales[timesteps[: len(latents_w)]] if self.hparams.reward_scale else None
-        hp = self.hparams
+        weights = self.reward_scales[timesteps[: len(latents_w)]] if hp.reward_scale else None
 
-        def margin_against(denoiser_context: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def frozen_prediction(denoiser_context: Any) -> tuple[torch.Tensor, ...]:
+            """A no-grad model's prediction on the winners, its errors and the policy's margin to it."""
             with torch.no_grad(), denoiser_context as denoiser:
-                other_w, other_l = self.errors_of(denoiser, noisy, timesteps, cond, target).chunk(2)
-            return other_w, other_l, implicit_reward_margin(mse_w, mse_l, other_w, other_l, weights).detach()
+                prediction = self.backbone.predict(denoiser, noisy, timesteps, cond)
+            other_w, other_l = self.prediction_error(prediction, target).chunk(2)
+            margin = implicit_reward_margin(mse_w, mse_l, other_w, other_l, weights).detach()
+            return prediction.chunk(2)[0], other_w, other_l, margin
 
-        mse_w, mse_l = self.errors_of(self.policy, noisy, timesteps, cond, target).chunk(2)
-        ref_mse_w = ref_mse_l = margin = initial_margin = None
-        if LOSSES[hp.loss_type].needs_reference:
-            ref_mse_w, ref_mse_l, margin = margin_against(self.reference.reference(self.policy))
+        prediction = self.backbone.predict(self.policy, noisy, timesteps, cond)
+        mse_w, mse_l = self.prediction_error(prediction, target).chunk(2)
+        residual_w, residual_l = (prediction.float() - target.float()).chunk(2)
+        ref_prediction_w = ref_mse_w = ref_mse_l = margin = initial_margin = loser_scale = None
+        if objective.needs_reference:
+            ref_prediction_w, ref_mse_w, ref_mse_l, margin = frozen_prediction(
+                self.reference.reference(self.policy)
+            )
         if against_initial:
-            initial_margin = margin_against(self.reference.initial(self.policy))[2]
-        loss = preference_loss(
-            mse_w, mse_l, ref_mse_w, ref_mse_l, beta=hp.beta, loss_type=hp.loss_type,
-            weights=weights, label_smoothing=hp.label_smoothing, ipo_tau=hp.ipo_tau,
-        )  # fmt: skip
+            initial_margin = frozen_prediction(self.reference.initial(self.policy))[3]
+        loser_mse = mse_l
+        if hp.winner_preserving_mu is not None:
+            loser_scale = winner_preserving_scale(residual_w, residual_l, hp.winner_preserving_mu)
+            loser_mse = scale_loser_gradient(mse_l, loser_scale)
+        ref_gap_w = None
+        if ref_prediction_w is not None:
+            ref_gap_w = prediction.chunk(2)[0].float() - ref_prediction_w.float()
+        errors = PreferenceErrors(mse_w, loser_mse, ref_mse_w, ref_mse_l, weights, residual_w, ref_gap_w)
+        loss = preference_loss(errors, self.loss_options(), hp.loss_type)
         return PreferenceStepOutput(
-            loss, mse_w.detach(), mse_l.detach(), margin, ref_mse_w, ref_mse_l, initial_margin
+            loss, mse_w.detach(), mse_l.detach(), margin, ref_mse_w, ref_mse_l, initial_margin, loser_scale
         )
+
+    def loss_options(self) -> LossOptions:
+        """The loss hyperparameters; under several processes Diffusion-KTO's reference point is
+        averaged over ranks, as the public script reduces it over processes."""
+        trainer = self._trainer
+        mean_over_ranks = None
+        if trainer is not None and trainer.world_size > 1:
+            mean_over_ranks = lambda x: trainer.strategy.reduce(x, reduce_op="mean")  # noqa: E731
+        return LossOptions(**{k: self.hparams[k] for k in LOSS_OPTIONS}, mean_over_ranks=mean_over_ranks)
 
     @torch.no_grad()
     def estimate_divergence(

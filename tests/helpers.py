@@ -29,10 +29,12 @@ def fit_tiny(
     max_steps: int,
     train_batch_size: int = 2,
     ckpt_path: str | None = None,
+    data_options: dict | None = None,
     **trainer_kwargs,
 ) -> Trainer:
-    """Fit ``module`` for ``max_steps`` on the 32 px parquet pairs of ``data_files``: CPU, no
-    validation, logger or checkpoints unless ``trainer_kwargs`` say otherwise."""
+    """Fit ``module`` for ``max_steps`` on the 32 px parquet pairs of ``data_files`` (with the
+    ``PreferenceDataModule`` options ``data_options``): CPU, no validation, logger or checkpoints
+    unless ``trainer_kwargs`` say otherwise."""
     options = {
         "accelerator": "cpu",
         "logger": False,
@@ -53,6 +55,7 @@ def fit_tiny(
         resolution=32,
         num_workers=0,
         train_batch_size=train_batch_size,
+        **(data_options or {}),
     )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer

@@ -222,3 +222,25 @@ def test_a_typo_in_a_config_is_refused(overlay, key, parse, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse(["configs/sd15/dpo.yaml", "configs/sd15/refdpo.yaml", typo])
     assert key in capsys.readouterr().err
+
+
+OBJECTIVES = {
+    "sd15/kto": {
+        "loss_type": "kto",
+        "beta": 1000.0,
+        "learning_rate": 1e-7,
+        "kto_reference_point": "batch_mean",
+    },
+    "sd15/dspo": {"loss_type": "dspo", "beta": 0.001, "dspo_form": "sd15", "winner_preserving_mu": None},
+    "sd15/dmpo": {"loss_type": "dmpo", "beta": 2000.0, "dmpo_alpha": 0.01},
+    "sdxl/dspo": {"loss_type": "dspo", "beta": 5000.0, "dspo_form": "sdxl"},
+}
+
+
+@pytest.mark.parametrize(("overlay", "expected"), OBJECTIVES.items(), ids=OBJECTIVES)
+def test_objective_overlays_carry_the_public_settings_under_the_papers_method(overlay, expected, parse):
+    family = overlay.split("/")[0]
+    configs = [f"configs/{family}/dpo.yaml", f"configs/{overlay}.yaml", f"configs/{family}/refdpo.yaml"]
+    model = parse(configs).model.init_args
+    assert {key: model[key] for key in expected} == expected
+    assert model.reward_scale is True

@@ -59,3 +59,40 @@ def test_training_steps_reference_updates_and_generation_on_the_gpu(
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=options["precision"] == "bf16-mixed"):
         images = generate(module.build_pipeline(), [("a red square", 0), ("a blue circle", 1)], config)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+OBJECTIVES = {
+    "kto": {"loss_type": "kto", "beta": 1000.0},
+    "dspo-sd15": {"loss_type": "dspo", "beta": 0.001},
+    "dspo-sdxl-safeguard": {"loss_type": "dspo", "dspo_form": "sdxl", "winner_preserving_mu": 0.6},
+    "dmpo": {"loss_type": "dmpo", "beta": 2000.0},
+    "dpo-safeguard": {"loss_type": "sigmoid", "winner_preserving_mu": 0.9},
+}
+
+
+@pytest.mark.parametrize("setting", ["full-bf16", "lora-bf16"])
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_every_objective_trains_bf16_on_the_gpu(objective, setting, tiny_sdxl, tiny_data):
+    """The objectives beside Diffusion-DPO under autocast (bf16 predictions, float32 residuals and
+    errors) with bf16 frozen copies, on SDXL."""
+    options = SETTINGS[setting]
+    module = make_module(
+        tiny_sdxl,
+        StableDiffusionXLDPOModule,
+        lora_rank=options["lora_rank"],
+        frozen_dtype=options["frozen_dtype"],
+        reward_scale=True,
+        **OBJECTIVES[objective],
+    )
+    callback = ReferenceModelUpdate(every_n_steps=1)
+    trainer = fit_tiny(
+        module,
+        tiny_data,
+        max_steps=2,
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        callbacks=[callback],
+    )
+    assert trainer.global_step == 2 and callback.num_updates == 2
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])

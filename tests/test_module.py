@@ -180,7 +180,13 @@ def test_soft_update_refused_with_lora_and_exact_for_full(tiny_model):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"loss_type": "kto"}, "model.loss_type"),
+        ({"loss_type": "orpo"}, "model.loss_type"),
+        ({"dspo_form": "sd3"}, "model.dspo_form"),
+        ({"winner_preserving_mu": 1.5}, "model.winner_preserving_mu must be in \\[0, 1\\]"),
+        (
+            {"loss_type": "kto", "winner_preserving_mu": 0.5},
+            "model.winner_preserving_mu scales the loser branch",
+        ),
         ({"beta": 0.0}, "model.beta"),
         ({"lora_rank": 0}, "model.lora_rank"),
         ({"frozen_dtype": "int8"}, "model.frozen_dtype"),

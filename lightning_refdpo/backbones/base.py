@@ -21,6 +21,9 @@ from lightning_refdpo.data.draws import LATENT_STREAM, pair_normal
 from lightning_refdpo.hub import load_component
 
 Conditioning = dict[str, torch.Tensor]
+LOSER = "loser_"
+"""Prefix of a conditioning entry that holds the losers' own value where it differs from the
+winners' (SDXL's per-image ``time_ids``; the prompts of unpaired couples)."""
 
 
 class Backbone(torch.nn.Module, ABC):
@@ -134,7 +137,8 @@ class Backbone(torch.nn.Module, ABC):
     def encode_batch(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
         """Winner latents, loser latents and the per-pair conditioning of a preference batch, from
         pixels and captions, from latents shipped with the pairs (``latents_w``, ``latents_l``: exact,
-        no posterior draw) or from a latent cache (``latents_mean_w``, ... and the prompt columns)."""
+        no posterior draw) or from a latent cache (``latents_mean_w``, ... and the prompt columns).
+        A batch of unpaired couples (``caption_l``) adds the losers' prompts as ``loser_*`` entries."""
         if "latents_mean_w" in batch:
             mean = torch.cat([batch["latents_mean_w"], batch["latents_mean_l"]])
             std = torch.cat([batch["latents_std_w"], batch["latents_std_l"]])
@@ -153,6 +157,8 @@ class Backbone(torch.nn.Module, ABC):
             pixels = batch["pixel_values"]
             mean, std = self.latent_distribution(torch.cat([pixels[:, :3], pixels[:, 3:]]))
             cond = self.encode_prompts(batch["caption"])
+        if "caption_l" in batch:
+            cond |= {LOSER + k: v for k, v in self.encode_prompts(batch["caption_l"]).items()}
         latents_w, latents_l = self.sample_latents(mean, std, batch.get("noise_seeds")).chunk(2)
         return latents_w, latents_l, cond
 
@@ -162,8 +168,9 @@ class Backbone(torch.nn.Module, ABC):
 
     def pair_conditioning(self, cond: Conditioning) -> Conditioning:
         """The conditioning of the batched forward over winners then losers, from the per-pair
-        ``cond`` of :meth:`encode_batch`: each pair's conditioning for both of its images."""
-        return {k: torch.cat([v, v]) for k, v in cond.items()}
+        ``cond`` of :meth:`encode_batch`: each pair's conditioning for both of its images, or the
+        loser's own where ``cond`` has a ``loser_*`` entry."""
+        return {k: torch.cat([v, cond.get(LOSER + k, v)]) for k, v in cond.items() if not k.startswith(LOSER)}
 
     # ------------------------------------------------------------------ diffusion
     @property
@@ -190,8 +197,13 @@ class Backbone(torch.nn.Module, ABC):
         return timesteps
 
     def denoiser_kwargs(self, cond: Conditioning, dtype: torch.dtype) -> dict[str, Any]:
-        """Keyword arguments of the denoiser's forward for the conditioning ``cond``, in ``dtype``."""
-        return {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in cond.items()}
+        """Keyword arguments of the denoiser's forward for the conditioning ``cond``, in ``dtype``
+        (the losers' own ``loser_*`` entries are not arguments: :meth:`pair_conditioning` merges them)."""
+        return {
+            k: v.to(dtype) if torch.is_floating_point(v) else v
+            for k, v in cond.items()
+            if not k.startswith(LOSER)
+        }
 
     def predict(
         self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lightning_refdpo.backbones.base import Conditioning
+from lightning_refdpo.backbones.base import LOSER, Conditioning
 from lightning_refdpo.backbones.sd15 import StableDiffusionBackbone
 from lightning_refdpo.batch import PreferenceBatch
 
@@ -87,7 +87,7 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
 
     def encode_batch(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
         """SD1.5's latents and text conditioning plus the ``time_ids`` of the winners; per image,
-        also ``loser_time_ids``."""
+        also ``loser_time_ids`` (which the base's ``pair_conditioning`` puts on the losers)."""
         per_image = self.micro_conditioning == "per_image"
         if per_image:
             check_per_image_sizes(batch)
@@ -96,19 +96,11 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
         if per_image:
             sizes, corners = batch["original_size"].to(self.device), batch["crop_top_left"].to(self.device)
             cond["time_ids"] = micro_conditioning(sizes[:, 0], corners[:, 0], target_size)
-            cond["loser_time_ids"] = micro_conditioning(sizes[:, 1], corners[:, 1], target_size)
+            cond[LOSER + "time_ids"] = micro_conditioning(sizes[:, 1], corners[:, 1], target_size)
         else:
             sizes = torch.tensor(target_size, device=self.device).expand(len(latents_w), 2)
             cond["time_ids"] = micro_conditioning(sizes, torch.zeros_like(sizes), target_size)
         return latents_w, latents_l, cond
-
-    def pair_conditioning(self, cond: Conditioning) -> Conditioning:
-        """SD1.5's, with each image's own ``time_ids`` (winners', then losers')."""
-        if "loser_time_ids" not in cond:
-            return super().pair_conditioning(cond)
-        paired = super().pair_conditioning({k: v for k, v in cond.items() if k != "loser_time_ids"})
-        paired["time_ids"] = torch.cat([cond["time_ids"], cond["loser_time_ids"]])
-        return paired
 
     @property
     def vae_scale_factor(self) -> int:

@@ -1,4 +1,5 @@
-"""``PreferenceDataModule``: Pick-a-Pic-style preference pairs with a pluggable timestep sampler."""
+"""``PreferenceDataModule``: Pick-a-Pic-style preference pairs (or unpaired labelled images for
+Diffusion-KTO) with a pluggable timestep sampler."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from lightning_refdpo.data.preference import (
 )
 from lightning_refdpo.data.resumable import ResumableDataLoader, ResumableSampler, resumable_loader
 from lightning_refdpo.data.streaming import EpochDataLoader, StreamingPreferencePairs
+from lightning_refdpo.data.unpaired import LabeledImageCouples, check_unpaired_schema
 from lightning_refdpo.timesteps import TimestepSampler, UniformTimestepSampler
 
 
@@ -59,6 +61,10 @@ class PreferenceDataModule(LightningDataModule):
         latent_columns: the two columns of a preference set that ships each image's VAE latent
             (e.g. ``[latents_0, latents_1]``, unscaled, as the generator produced them): train and
             validate on those exact latents instead of encoding the images (no crop or flip).
+        unpaired: train on unpaired labelled images (``caption``, ``image``, ``label``: 1 desirable, 0
+            undesirable) instead of pairs, read as couples of one image of each kind
+            (``data/unpaired.py``); for ``model.loss_type: kto``. ``max_*_samples`` count images.
+            Not with ``latent_cache``, ``latent_columns`` or ``streaming``.
         seed: seed of the shuffle and of every pair's draws (``data/draws.py``); ``None`` takes the
             seed of ``seed_everything``, as Lightning's own distributed sampler does.
         streaming: stream the train split (``load_dataset(..., streaming=True)``, each rank its
@@ -96,8 +102,16 @@ class PreferenceDataModule(LightningDataModule):
         seed: int | None = None,
         streaming: bool = False,
         shuffle_buffer_size: int = 1000,
+        unpaired: bool = False,
     ) -> None:
         super().__init__()
+        options = {"latent_cache": latent_cache, "latent_columns": latent_columns, "streaming": streaming}
+        clashing = next((name for name, value in options.items() if unpaired and value), None)
+        if clashing:
+            raise ValueError(
+                f"data.unpaired couples labelled images as it loads them, which data.{clashing} does not "
+                f"support; drop data.{clashing}"
+            )
         if resolution < 8 or resolution % 8:
             raise ValueError(f"data.resolution must be a positive multiple of 8; got {resolution}")
         if not 0.0 <= proportion_empty_prompts <= 1.0:
@@ -143,6 +157,17 @@ class PreferenceDataModule(LightningDataModule):
         if limit is not None:
             dataset = dataset.shuffle(seed=self.seed).select(range(min(limit, len(dataset))))
         return PreferencePairs(dataset, transform, draws, self.latent_columns)
+
+    def load_couples(
+        self, split: str, limit: int | None, transform: PairTransform, draws: PairDraws | None = None
+    ) -> LabeledImageCouples:
+        """The unpaired labelled images of ``split`` as couples (``data/unpaired.py``): schema and
+        labels checked, and with ``limit`` the first ``limit`` images of a shuffle with :attr:`seed`."""
+        dataset = self.load_split(split)
+        check_unpaired_schema(dataset, split)
+        if limit is not None:
+            dataset = dataset.shuffle(seed=self.seed).select(range(min(limit, len(dataset))))
+        return LabeledImageCouples(dataset, transform, split, draws, self.seed)
 
     @property
     def latent_columns(self) -> tuple[str, str] | None:
@@ -197,11 +222,18 @@ class PreferenceDataModule(LightningDataModule):
                 self.splits[name] = CachedPairs(load_latent_split(hp.latent_cache, name), draws)
             elif name == "train":
                 transform = PairTransform(hp.resolution, hp.random_crop, hp.random_flip, hp.shared_flip)
-                load = self.stream_pairs if hp.streaming else self.load_pairs
+                load = (
+                    self.load_couples
+                    if hp.unpaired
+                    else self.stream_pairs
+                    if hp.streaming
+                    else self.load_pairs
+                )
                 self.splits[name] = load(hp.train_split, hp.max_train_samples, transform, draws)
             else:
                 transform = PairTransform(hp.resolution, random_crop=False, random_flip=False)
-                self.splits[name] = self.load_pairs(hp.validation_split, hp.max_validation_samples, transform)
+                load = self.load_couples if hp.unpaired else self.load_pairs
+                self.splits[name] = load(hp.validation_split, hp.max_validation_samples, transform)
 
     def collator(self) -> PreferenceCollator | CachedPreferenceCollator:
         """The batch collator (the training pairs carry their own draws)."""

@@ -131,6 +131,10 @@ def cache_latents(
         cache_batch_size: pairs encoded at a time.
     """
     hp = datamodule.hparams
+    if hp.get("unpaired"):
+        raise ValueError(
+            "data.unpaired images are coupled anew every epoch and cannot be cached; train them uncached"
+        )
     transform = PairTransform(hp.resolution, random_crop=False, random_flip=False)
     splits = {"train": datamodule.load_pairs(hp.train_split, hp.max_train_samples, transform)}
     if hp.validation_split:

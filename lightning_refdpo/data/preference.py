@@ -36,32 +36,47 @@ def check_schema(dataset: Any, split: str, latent_columns: Sequence[str] = ()) -
             f"named by data.latent_columns; found {', '.join(columns)}. Drop data.latent_columns to encode the images."
         )
     if missing:
+        unpaired = (
+            " (these look like unpaired labelled images: set data.unpaired: true)"
+            if "image" in columns
+            else ""
+        )
         raise ValueError(
-            f"preference split {split!r} lacks column(s) {', '.join(missing)}; found {', '.join(columns)}. "
+            f"preference split {split!r} lacks column(s) {', '.join(missing)}; found {', '.join(columns)}{unpaired}. "
             "Rename them to the Pick-a-Pic v2 schema (caption, jpg_0, jpg_1, label_0), e.g. with "
             "dataset.rename_column."
         )
-    label_type = (
-        str(dataset.features["label_0"].dtype) if hasattr(dataset.features["label_0"], "dtype") else ""
-    )
+    check_label_type(dataset, split, "label_0", "1, 0 or 0.5")
+
+
+def check_label_type(dataset: Any, split: str, column: str, values: str) -> None:
+    """Refuse a label ``column`` that is not numeric, naming the ``values`` it must hold."""
+    feature = dataset.features[column]
+    label_type = str(feature.dtype) if hasattr(feature, "dtype") else ""
     if not label_type.startswith(("float", "int", "bool")):
         raise ValueError(
-            f"column label_0 of split {split!r} must be numeric (1, 0 or 0.5), got {label_type or 'a non-value feature'}"
+            f"column {column} of split {split!r} must be numeric ({values}), got {label_type or 'a non-value feature'}"
         )
 
 
 LABELS = (0.0, TIE, 1.0)
 
 
-def check_labels(dataset: Any, split: str) -> None:
-    """Refuse ``label_0`` values other than 0, 0.5 and 1 (NaN included), naming the first rows: a
-    0.7 or a 2 is not a preference this loss can read, and would silently become a win."""
-    bad = [(i, x) for i, x in enumerate(dataset["label_0"]) if not any(x == label for label in LABELS)]
+def check_labels(
+    dataset: Any,
+    split: str,
+    column: str = "label_0",
+    allowed: Sequence[float] = LABELS,
+    meaning: str = "1 (image 0 preferred), 0 (image 1 preferred) or 0.5 (tie)",
+) -> None:
+    """Refuse ``column`` values other than ``allowed`` (NaN included), naming the first rows: a 0.7
+    or a 2 is not a preference this loss can read, and would silently become a win."""
+    bad = [(i, x) for i, x in enumerate(dataset[column]) if not any(x == label for label in allowed)]
     if bad:
         rows = ", ".join(f"row {i}: {x}" for i, x in bad[:10])
         raise ValueError(
-            f"column label_0 of split {split!r} must be 1 (image 0 preferred), 0 (image 1 preferred) or 0.5 "
-            f"(tie); {len(bad)} row(s) are not ({rows}{', ...' if len(bad) > 10 else ''})"
+            f"column {column} of split {split!r} must be {meaning}; {len(bad)} row(s) are not "
+            f"({rows}{', ...' if len(bad) > 10 else ''})"
         )
 
 
@@ -71,6 +86,11 @@ def drop_ties(dataset: Any, split: str) -> Any:
     if len(kept) == 0:
         raise ValueError(f"every pair of split {split!r} is a tie (label_0 == 0.5): nothing to learn from")
     return kept
+
+
+def caption_of(row: dict[str, Any]) -> str:
+    """The row's caption; ``""`` where it is missing (``None``)."""
+    return row["caption"] if isinstance(row["caption"], str) else ""
 
 
 def decode_image(value: Any) -> Image.Image:
@@ -184,7 +204,7 @@ class PreferencePairs(torch.utils.data.Dataset):
 
     def pair(self, row: dict[str, Any], index: int) -> dict[str, Any] | None:
         """The pair of ``row``, drawing as pair ``index`` of the epoch; ``None`` if undecodable."""
-        caption = row["caption"] if isinstance(row["caption"], str) else ""
+        caption = caption_of(row)
         generator = self.draws.generator(index) if self.draws is not None else None
         first = row["label_0"] > TIE
         if self.latent_columns:
@@ -211,16 +231,18 @@ def stack_draws(pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class PreferenceCollator:
-    """Stacks pairs (pixels, or shipped latents), drops undecodable ones (``num_skipped``), empties
-    the captions drawn for dropout and stacks the pairs' drawn timesteps and noise seeds (training
-    pairs only)."""
+    """Stacks pairs (pixels, or shipped latents; also unpaired couples), drops undecodable ones
+    (``num_skipped``), empties the captions drawn for dropout and stacks the pairs' drawn timesteps
+    and noise seeds (training pairs only)."""
 
     def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         pairs = [s for s in samples if s is not None]
         batch: dict[str, Any] = {"num_skipped": len(samples) - len(pairs)}
         if not pairs:
             return {**batch, "caption": [], "pixel_values": torch.empty(0)}
-        batch["caption"] = ["" if p.get("drop_caption") else p["caption"] for p in pairs]
+        for key in ("caption", "caption_l"):
+            if key in pairs[0]:
+                batch[key] = ["" if p.get("drop_caption") else p[key] for p in pairs]
         for key in ("pixel_values", "original_size", "crop_top_left", "latents_w", "latents_l"):
             if key in pairs[0]:
                 batch[key] = torch.stack([p[key] for p in pairs])

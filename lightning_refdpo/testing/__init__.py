@@ -10,12 +10,17 @@ from lightning_refdpo.testing.models import (
     save_tiny_sdxl,
     save_tiny_stable_diffusion,
 )
-from lightning_refdpo.testing.preferences import encode_image, save_random_preference_set
+from lightning_refdpo.testing.preferences import (
+    encode_image,
+    save_random_labeled_images,
+    save_random_preference_set,
+)
 
 __all__ = [
     "encode_image",
     "save_byte_level_clip_tokenizer",
     "save_character_t5_tokenizer",
+    "save_random_labeled_images",
     "save_random_preference_set",
     "save_tiny_sd3",
     "save_tiny_sdxl",
