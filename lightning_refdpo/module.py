@@ -26,6 +26,14 @@ from lightning_refdpo.data.draws import NOISE_STREAM, pair_normal
 from lightning_refdpo.guard import TrainingGuard, on_any_rank
 from lightning_refdpo.hub import absolute_if_local
 from lightning_refdpo.losses import DEFAULT_IPO_TAU, LOSSES, implicit_reward_margin, preference_loss
+from lightning_refdpo.optim import (
+    LRSchedulerCallable,
+    OptimizerCallable,
+    build_lr_scheduler,
+    build_optimizer,
+    lr_scheduler_spec,
+    optimizer_spec,
+)
 from lightning_refdpo.reference import CopiedReference, LoRAReference, ReferenceStrategy
 
 # The frozen VAE, text encoders and denoiser copies stay in eval mode on purpose (see ``train``).
@@ -55,9 +63,16 @@ class DiffusionDPOModule(LightningModule):
         lora_dropout: dropout inside the policy adapter only, so reference and initial forwards are
             deterministic.
         learning_rate: per-pair learning rate; with ``scale_lr`` it is multiplied by the effective
-            batch ``batch_size * accumulate_grad_batches * world_size`` (Diffusion-DPO: 1e-8 x 2048).
-        lr_scheduler, lr_warmup_steps: a ``diffusers.optimization.get_scheduler`` name and warm-up.
-        adam_*: AdamW settings (the Diffusion-DPO script's defaults).
+            batch ``batch_size * accumulate_grad_batches * world_size`` (Diffusion-DPO: 1e-8 x 2048),
+            for any optimizer.
+        optimizer: the optimizer class, as ``class_path`` and ``init_args`` (without ``lr``: it is
+            ``learning_rate``); ``None`` is ``torch.optim.AdamW`` with the Diffusion-DPO script's
+            settings (betas 0.9 / 0.999, eps 1e-8, weight decay 1e-2; ``optim.DEFAULT_OPTIMIZER``).
+            Documented choices in ``lightning_refdpo.optim``: AdamW, ``transformers.Adafactor``,
+            ``bitsandbytes`` AdamW8bit.
+        lr_scheduler: a ``diffusers.optimization.get_scheduler`` name, or a scheduler class as
+            ``class_path`` and ``init_args`` (without the optimizer); stepped every optimizer step.
+        lr_warmup_steps: linear warm-up of a named schedule (a scheduler class takes its own).
         frozen_dtype: dtype of the frozen reference/initial copies in full fine-tuning (``bfloat16``
             halves their memory); ``None`` keeps the policy's. A 16-bit reference cannot take a soft
             update (``ReferenceModelUpdate.alpha < 1``): that combination is refused.
@@ -92,12 +107,9 @@ class DiffusionDPOModule(LightningModule):
         lora_dropout: float = 0.0,
         learning_rate: float = 1e-8,
         scale_lr: bool = True,
-        lr_scheduler: str = "constant_with_warmup",
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: str | LRSchedulerCallable = "constant_with_warmup",
         lr_warmup_steps: int = 0,
-        adam_beta1: float = 0.9,
-        adam_beta2: float = 0.999,
-        adam_weight_decay: float = 1e-2,
-        adam_epsilon: float = 1e-8,
         frozen_dtype: str | None = None,
         gradient_checkpointing: bool = False,
         attention: str = "sdpa",
@@ -115,6 +127,14 @@ class DiffusionDPOModule(LightningModule):
         self.save_hyperparameters()
         for key in ("pretrained_model_name_or_path", "vae_name_or_path"):
             self.hparams[key] = absolute_if_local(self.hparams[key])
+        # Plain class_path / init_args, so that a checkpoint records them and loads without unpickling code.
+        self.hparams["optimizer"] = optimizer_spec(self.hparams["optimizer"])
+        self.hparams["lr_scheduler"] = lr_scheduler_spec(self.hparams["lr_scheduler"])
+        if lr_warmup_steps and not isinstance(self.hparams["lr_scheduler"], str):
+            raise ValueError(
+                "model.lr_warmup_steps applies to a schedule named by a string; give a scheduler class its "
+                "warm-up in its init_args, or set lr_warmup_steps: 0"
+            )
         hp = self.hparams
         self.backbone = self.build_backbone()
         self.policy = self.backbone.load_denoiser()
@@ -333,8 +353,8 @@ class DiffusionDPOModule(LightningModule):
 
     # ------------------------------------------------------------------ the optimizer
     def configure_optimizers(self) -> dict[str, Any]:
-        from diffusers.optimization import get_scheduler
-
+        """``model.optimizer`` over the trainable policy parameters at ``learning_rate`` (times the
+        effective batch with ``scale_lr``) and ``model.lr_scheduler``, stepped every optimizer step."""
         hp = self.hparams
         lr = hp.learning_rate
         if hp.scale_lr:
@@ -346,16 +366,10 @@ class DiffusionDPOModule(LightningModule):
                 )
             lr *= batch_size * self.trainer.accumulate_grad_batches * self.trainer.world_size
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        betas = (hp.adam_beta1, hp.adam_beta2)
-        optimizer = torch.optim.AdamW(
-            params, lr=lr, betas=betas, weight_decay=hp.adam_weight_decay, eps=hp.adam_epsilon
-        )
+        optimizer = build_optimizer(hp.optimizer, params, lr)
         total = self.trainer.estimated_stepping_batches
-        scheduler = get_scheduler(
-            hp.lr_scheduler,
-            optimizer,
-            num_warmup_steps=hp.lr_warmup_steps,
-            num_training_steps=int(total) if math.isfinite(total) else None,
+        scheduler = build_lr_scheduler(
+            hp.lr_scheduler, optimizer, hp.lr_warmup_steps, int(total) if math.isfinite(total) else None
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
