@@ -76,6 +76,9 @@ class DiffusionDPOModule(LightningModule):
         frozen_dtype: dtype of the frozen reference/initial copies in full fine-tuning (``bfloat16``
             halves their memory); ``None`` keeps the policy's. A 16-bit reference cannot take a soft
             update (``ReferenceModelUpdate.alpha < 1``): that combination is refused.
+        offload_initial: full fine-tuning only: keep the initial model in CPU memory and bring it to
+            the device for reference-update events, validation epochs and the evaluation baseline
+            (``reference.CopiedReference``); saves one frozen copy of device memory between them.
         gradient_checkpointing: recompute denoiser activations in the backward pass.
         attention: ``sdpa`` (PyTorch scaled-dot-product attention), ``xformers`` or ``eager``.
         channels_last: denoisers in channels-last memory format.
@@ -111,6 +114,7 @@ class DiffusionDPOModule(LightningModule):
         lr_scheduler: str | LRSchedulerCallable = "constant_with_warmup",
         lr_warmup_steps: int = 0,
         frozen_dtype: str | None = None,
+        offload_initial: bool = False,
         gradient_checkpointing: bool = False,
         attention: str = "sdpa",
         channels_last: bool = False,
@@ -135,6 +139,11 @@ class DiffusionDPOModule(LightningModule):
                 "model.lr_warmup_steps applies to a schedule named by a string; give a scheduler class its "
                 "warm-up in its init_args, or set lr_warmup_steps: 0"
             )
+        if offload_initial and lora_rank is not None:
+            raise ValueError(
+                "model.offload_initial applies to full fine-tuning: with LoRA the initial model is the "
+                "denoiser with its adapters disabled and costs nothing; set offload_initial: false"
+            )
         hp = self.hparams
         self.backbone = self.build_backbone()
         self.policy = self.backbone.load_denoiser()
@@ -144,7 +153,8 @@ class DiffusionDPOModule(LightningModule):
             alpha = lora_alpha if lora_alpha is not None else lora_rank
             self.reference = LoRAReference(self.policy, lora_rank, alpha, targets, lora_dropout)
         else:
-            self.reference = CopiedReference(self.policy, DTYPES[frozen_dtype] if frozen_dtype else None)
+            dtype = DTYPES[frozen_dtype] if frozen_dtype else None
+            self.reference = CopiedReference(self.policy, dtype, offload_initial)
         self.register_buffer("reward_scales", self.backbone.reward_scale_schedule(), persistent=False)
         if gradient_checkpointing:
             self.policy.enable_gradient_checkpointing()
@@ -268,7 +278,8 @@ class DiffusionDPOModule(LightningModule):
         forward-process estimate of ``KL(p_cand || p_init)`` of arXiv 2505.18736 (Eq. 8) with the
         constant timestep weighting of Diffusion-DPO, ``t ~ U{0..T-1}`` and noise for each winner
         from a generator seeded with ``sample_seeds[i]`` (the same draws wherever the winner is),
-        else all from ``generator``. ``candidate`` is ``"policy"`` or ``"reference"``."""
+        else all from ``generator``. ``candidate`` is ``"policy"``, ``"reference"`` or ``"hard_copy"``
+        (the policy as a hard copy into the reference would store it, ``ReferenceStrategy.hard_copy``)."""
         n = min(num_samples, len(batch["caption"]))
         subset = {k: v[:n] for k, v in batch.items() if isinstance(v, torch.Tensor | list)}
         latents, _, cond = self.backbone.encode_batch(subset)
@@ -282,9 +293,11 @@ class DiffusionDPOModule(LightningModule):
         noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(latents)
         noisy = self.backbone.add_noise(latents, noise, timesteps)
         target = self.backbone.diffusion_target(latents, noise, timesteps)
-        candidate_model = (
-            self.reference.reference(self.policy) if candidate == "reference" else nullcontext(self.policy)
-        )
+        candidate_model = {
+            "policy": lambda: nullcontext(self.policy),
+            "reference": lambda: self.reference.reference(self.policy),
+            "hard_copy": lambda: self.reference.hard_copy(self.policy),
+        }[candidate]()
         errors = []
         for context in (candidate_model, self.reference.initial(self.policy)):
             with context as denoiser:
@@ -344,6 +357,12 @@ class DiffusionDPOModule(LightningModule):
                 prog_bar=prog_bar,
                 sync_dist=True,
             )
+
+    def on_validation_epoch_start(self) -> None:
+        self.reference.load_initial(self.device)  # for the margins against it, batch after batch
+
+    def on_validation_epoch_end(self) -> None:
+        self.reference.unload_initial()
 
     def on_train_epoch_end(self) -> None:
         self.guard.check_skipped_pairs(self.trainer.strategy, self.device)
