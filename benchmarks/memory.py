@@ -401,26 +401,24 @@ def main(
 
 
 def print_table(results: dict) -> None:
+    """The counts as a markdown table (GB = 1e9 bytes), the one in benchmarks/README.md."""
     columns = ("trained_parameters", "gradients", "optimizer_state", "frozen_weights", "backbone")
-    header = ["configuration", "trained", "grads", "optim", "frozen", "backbone", "device", "+DDP", "CPU"]
+    header = ["model", "configuration", "trained", "grads", "optimizer", "frozen", "VAE + text"]
+    header += ["on GPU", "+ DDP buckets", "offloaded to CPU"] + [f"{c} GiB" for c in CAPACITIES_GB]
+    print("\n| " + " | ".join(header) + " |")
+    print("| --- | --- |" + " ---: |" * (len(header) - 2))
     for family_name, family in results["families"].items():
-        print(f"\n{family_name} (UNet {family['unet_parameters'] / 1e9:.3f} B parameters), GB")
-        print(
-            f"{header[0]:<50}"
-            + "".join(f"{h:>9}" for h in header[1:])
-            + "".join(f"{f'{c} GiB':>11}" for c in CAPACITIES_GB)
-        )
         for name, figures in family["bytes"].items():
-            numbers = [figures[c] for c in columns] + [
-                figures["on_device"],
-                figures["on_device_ddp_buckets"],
-                figures["offloaded_to_cpu"],
-            ]
-            print(
-                f"{name:<50}"
-                + "".join(f"{n / GB:>9.2f}" for n in numbers)
-                + "".join(f"{fits(figures, c):>11}" for c in CAPACITIES_GB)
-            )
+            numbers = [figures[c] for c in columns]
+            numbers += [figures["on_device"], figures["on_device_ddp_buckets"], figures["offloaded_to_cpu"]]
+            cells = [family_name, name, *(f"{n / GB:.2f}" for n in numbers)]
+            cells += [fits(figures, c) for c in CAPACITIES_GB]
+            print("| " + " | ".join(cells) + " |")
+    if isinstance(results["measured_step_peak_bytes"], dict):
+        print("\n| model | configuration | measured peak of one step, GB |\n| --- | --- | ---: |")
+        for family_name, peaks in results["measured_step_peak_bytes"].items():
+            for name, peak in peaks.items():
+                print(f"| {family_name} | {name} | {peak / GB:.2f} |")
 
 
 if __name__ == "__main__":
