@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lightning_refdpo import DiffusionDPOModule
-from lightning_refdpo.cli import run_cli
+from lightning_refdpo.cli import main, run_cli
 from tests.test_cli import CONFIG, tiny_args
 
 ADAFACTOR = {
@@ -154,16 +154,29 @@ def test_scheduler_class_and_bad_schedules(tiny_model):
             DiffusionDPOModule("/nonexistent/model", **bad)
 
 
+def test_a_misspelt_optimizer_argument_stops_the_cli_at_start_up(tmp_path):
+    options = [
+        "--model.init_args.optimizer=torch.optim.AdamW",
+        "--model.init_args.optimizer.init_args.weight_decai=0.1",
+    ]
+    run = subprocess.run(
+        [Path(sys.executable).parent / "lightning-refdpo", "fit", "--config", CONFIG, *options],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    expected = "model.optimizer.init_args.weight_decai: not accepted by torch.optim.AdamW (did you mean weight_decay?)"
+    assert len(errors) == 1 and expected in errors[0], run.stderr
+    assert not (tmp_path / "outputs").exists(), "nothing ran"
+
+
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        (
-            [
-                "--model.init_args.optimizer=torch.optim.AdamW",
-                "--model.init_args.optimizer.init_args.weight_decai=0.1",
-            ],
-            "model.optimizer.init_args.weight_decai: not accepted by torch.optim.AdamW (did you mean weight_decay?)",
-        ),
         (
             [
                 "--model.init_args.optimizer=transformers.Adafactor",
@@ -175,19 +188,16 @@ def test_scheduler_class_and_bad_schedules(tiny_model):
             ["--model.init_args.optimizer.init_args.weight_decay=0.1"],
             "model.optimizer.init_args.weight_decay: give model.optimizer's class_path first",
         ),
+        (
+            ["--model.init_args.optimizer=transformers.Adafactor"],
+            "model.optimizer.init_args.relative_step: true makes Adafactor pick its own learning rate",
+        ),
     ],
-    ids=["typo", "lr", "no-class-path"],
+    ids=["lr", "no-class-path", "adafactor-relative-step"],
 )
-def test_a_bad_optimizer_argument_stops_the_cli_at_start_up(tmp_path, options, expected):
-    run = subprocess.run(
-        [Path(sys.executable).parent / "lightning-refdpo", "fit", "--config", CONFIG, *options],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        cwd=tmp_path,
-        timeout=120,
-    )
-    assert run.returncode == 2
-    errors = [line for line in run.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and expected in errors[0], run.stderr
-    assert not (tmp_path / "outputs").exists(), "nothing ran"
+def test_other_optimizer_mistakes_are_one_line_naming_the_key(options, expected, capsys):
+    with pytest.raises(SystemExit) as stop:
+        sys.exit(main(["fit", "--config", CONFIG, *options]))
+    assert stop.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and expected in errors[0]
