@@ -25,8 +25,9 @@ The four are run in turn, ``--rounds`` times, so that a slow spell of a shared m
 all of them; the figures are medians over every counted step.
 
 Reference-update events (``ReferenceModelUpdate``, full fine-tuning, ``divergence_samples`` = 4
-winners of a training batch): the time of one event, its median over ``--rounds`` x 3 events of
-each kind, and that time amortized over ``tau`` = 32 steps as a share of the module's step (b):
+winners of a training batch): the time of one event, 3 events of each kind timed in every round
+after its steps (so a slow spell falls on steps and events alike), the median, and that time
+amortized over ``tau`` = 32 steps as a share of the module's step (b):
 
 - ``hard_copy_accepted`` / ``hard_copy_refused``: ``alpha = 1``, the candidate measured on the
   policy (two no-grad forwards of the winners: the candidate's and the initial model's) and, when
@@ -36,10 +37,11 @@ each kind, and that time amortized over ``tau`` = 32 steps as a share of the mod
 - ``hard_copy_offloaded``: as ``hard_copy_accepted`` with ``offload_initial``: the initial model
   brought from CPU memory for the event (a no-op on a CPU run, a host-to-device copy on a GPU).
 
-and the event's peak memory above the memory in use before it, in a fresh process each (fp32
-copies; ``_bf16``: ``frozen_dtype: bfloat16``, where the hard copy's candidate is the policy cast
-to bf16): on CPU the resident set's high-water mark, reset before the event
-(``/proc/self/clear_refs``); with ``--device cuda``, ``torch.cuda.max_memory_allocated``.
+and the peak memory of an accepted event above the memory in use just before it, in one fresh
+process (fp32 copies; ``_bf16``: ``frozen_dtype: bfloat16``, where the hard copy's candidate is the
+policy cast to bf16): on CPU the resident set's high-water mark, reset before the event
+(``/proc/self/clear_refs``), with glibc's mmap threshold fixed so that freed blocks leave the
+resident set; with ``--device cuda``, ``torch.cuda.max_memory_allocated``.
 
 Memory: the peak resident memory above the process's start (models, optimizer state,
 activations) of (e) LoRA DPO with the reference as a second adapter of the same UNet (our module)
@@ -316,20 +318,23 @@ def event(module: DiffusionDPOModule, batch: dict, trainer: Trainer, kind: str) 
     assert callback.num_updates == (0 if refused else 1)
 
 
-def time_events(model: str, root: Path, preset: dict, cache: Path) -> dict[str, list[float]]:
-    """Seconds of each of ``EVENT_KINDS``, interleaved over ``rounds`` x 3 repeats."""
+def event_timer(model: str, root: Path, preset: dict, cache: Path):
+    """A function that times 3 events of each of ``EVENT_KINDS`` into ``times``, on a full
+    fine-tuning module and one with ``offload_initial`` (built once)."""
     batch, trainer = event_batch(root, preset, cache), event_trainer()
     module, offloaded = make_module(model).to(DEVICE), make_module(model, offload_initial=True).to(DEVICE)
-    times: dict[str, list[float]] = {kind: [] for kind in EVENT_KINDS}
-    for _ in range(preset["rounds"] * 3):
-        for kind in EVENT_KINDS:
-            start = step_done()
-            if kind == "hard_copy_offloaded":
-                event(offloaded, batch, trainer, "hard_copy_accepted")
-            else:
-                event(module, batch, trainer, kind)
-            times[kind].append(step_done() - start)
-    return times
+
+    def time_events(times: dict[str, list[float]]) -> None:
+        for _ in range(3):
+            for kind in EVENT_KINDS:
+                start = step_done()
+                if kind == "hard_copy_offloaded":
+                    event(offloaded, batch, trainer, "hard_copy_accepted")
+                else:
+                    event(module, batch, trainer, kind)
+                times[kind].append(step_done() - start)
+
+    return time_events
 
 
 def peak_memory(kind: str, model: str, cache: Path, preset: dict) -> int:
@@ -442,7 +447,14 @@ def measure_memory(preset: str, kind: str, model: str, cache: Path) -> int | dic
         check=True,
         capture_output=True,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+        # A fixed mmap threshold: glibc then returns every large freed block to the system at once,
+        # so the resident set follows the live tensors (its default raises the threshold after the
+        # first frees and keeps later blocks, which would hide an event's allocations from VmHWM).
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": str(torch.get_num_threads()),
+            "MALLOC_MMAP_THRESHOLD_": str(128 * 1024),
+        },
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -475,6 +487,8 @@ def main(preset_name: str, output: Path) -> dict:
     bare, public_style = bare_step(model, pairs), public_style_step(model)
     pixel_data = make_data(root, preset)
     pixel_data.setup("fit")
+    time_events = event_timer(model, root, preset, cache)
+    event_times: dict[str, list[float]] = {kind: [] for kind in EVENT_KINDS}
     for round_ in range(preset["rounds"]):
         print(f"round {round_ + 1}/{preset['rounds']}", flush=True)
         timed_loop(bare, cached_batches(cache, pairs, steps, seed=round_), times["bare"])
@@ -482,13 +496,11 @@ def main(preset_name: str, output: Path) -> dict:
         fit_steps(module, make_data(root, preset), steps, timers["module_uncached"])
         loader = iter(pixel_data.train_dataloader())
         timed_loop(public_style, (next(loader) for _ in range(steps)), times["public_style"])
+        time_events(event_times)
     for name, timer in timers.items():
         times[name] = timer.times
     median = {name: statistics.median(values) for name, values in times.items()}
 
-    del bare, public_style, module  # the event timings build their own modules
-    print(f"timing reference-update events ({', '.join(EVENT_KINDS)})", flush=True)
-    event_times = time_events(model, root, preset, cache)
     event_median = {kind: statistics.median(values) for kind, values in event_times.items()}
 
     print("measuring peak memory of LoRA DPO (reference adapter) and LoRA SFT, and of events", flush=True)
