@@ -73,6 +73,9 @@ class DiffusionDPOModule(LightningModule):
         lr_scheduler: a ``diffusers.optimization.get_scheduler`` name, or a scheduler class as
             ``class_path`` and ``init_args`` (without the optimizer); stepped every optimizer step.
         lr_warmup_steps: linear warm-up of a named schedule (a scheduler class takes its own).
+        adam_beta1, adam_beta2, adam_weight_decay, adam_epsilon: the AdamW settings of version 0.1,
+            kept so that its configs and checkpoints load: they set the default AdamW's
+            ``init_args`` and are refused beside ``optimizer``.
         frozen_dtype: dtype of the frozen reference/initial copies in full fine-tuning (``bfloat16``
             halves their memory); ``None`` keeps the policy's. A 16-bit reference cannot take a soft
             update (``ReferenceModelUpdate.alpha < 1``): that combination is refused.
@@ -113,6 +116,10 @@ class DiffusionDPOModule(LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: str | LRSchedulerCallable = "constant_with_warmup",
         lr_warmup_steps: int = 0,
+        adam_beta1: float | None = None,
+        adam_beta2: float | None = None,
+        adam_weight_decay: float | None = None,
+        adam_epsilon: float | None = None,
         frozen_dtype: str | None = None,
         offload_initial: bool = False,
         gradient_checkpointing: bool = False,
@@ -132,7 +139,11 @@ class DiffusionDPOModule(LightningModule):
         for key in ("pretrained_model_name_or_path", "vae_name_or_path"):
             self.hparams[key] = absolute_if_local(self.hparams[key])
         # Plain class_path / init_args, so that a checkpoint records them and loads without unpickling code.
-        self.hparams["optimizer"] = optimizer_spec(self.hparams["optimizer"])
+        legacy = {"adam_beta1": adam_beta1, "adam_beta2": adam_beta2, "adam_weight_decay": adam_weight_decay}
+        legacy |= {"adam_epsilon": adam_epsilon}
+        self.hparams["optimizer"] = optimizer_spec(
+            self.hparams["optimizer"], {k: v for k, v in legacy.items() if v is not None}
+        )
         self.hparams["lr_scheduler"] = lr_scheduler_spec(self.hparams["lr_scheduler"])
         if lr_warmup_steps and not isinstance(self.hparams["lr_scheduler"], str):
             raise ValueError(

@@ -96,11 +96,27 @@ def import_class(class_path: str, key: str) -> type:
     return cls
 
 
-def optimizer_spec(value: Any) -> dict[str, Any]:
+def optimizer_spec(value: Any, legacy_adam: dict[str, float] | None = None) -> dict[str, Any]:
     """The checked ``class_path`` / ``init_args`` of ``model.optimizer`` (``None``:
-    :data:`DEFAULT_OPTIMIZER`); refuses Adafactor settings that would fail at the first step or
-    ignore ``learning_rate``."""
-    spec = class_spec(DEFAULT_OPTIMIZER if value is None else value, "model.optimizer", given=2)
+    :data:`DEFAULT_OPTIMIZER`, with version 0.1's ``adam_*`` settings in ``legacy_adam``); refuses
+    Adafactor settings that would fail at the first step or ignore ``learning_rate``."""
+    legacy_adam = legacy_adam or {}
+    if legacy_adam and value is not None:
+        raise ValueError(
+            f"model.{next(iter(legacy_adam))} is version 0.1's AdamW setting; with model.optimizer set, "
+            "give it in model.optimizer.init_args"
+        )
+    if value is None:
+        init_args = dict(DEFAULT_OPTIMIZER["init_args"])
+        betas = init_args["betas"]
+        init_args["betas"] = [
+            legacy_adam.get("adam_beta1", betas[0]),
+            legacy_adam.get("adam_beta2", betas[1]),
+        ]
+        init_args["eps"] = legacy_adam.get("adam_epsilon", init_args["eps"])
+        init_args["weight_decay"] = legacy_adam.get("adam_weight_decay", init_args["weight_decay"])
+        value = {"class_path": DEFAULT_OPTIMIZER["class_path"], "init_args": init_args}
+    spec = class_spec(value, "model.optimizer", given=2)
     init_args = spec["init_args"]
     if spec["class_path"] == "transformers.optimization.Adafactor":
         if init_args.get("relative_step", True):

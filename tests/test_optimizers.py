@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_refdpo import DiffusionDPOModule
+from lightning_refdpo import DiffusionDPOModule, StableDiffusionXLDPOModule
 from lightning_refdpo.cli import main, run_cli
 from tests.test_cli import CONFIG, tiny_args
 
@@ -201,3 +201,16 @@ def test_other_optimizer_mistakes_are_one_line_naming_the_key(options, expected,
     assert stop.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and expected in errors[0]
+
+
+def test_version_0_1_adam_settings_still_load(tiny_sdxl):
+    """A checkpoint or config of version 0.1 names AdamW by its adam_* settings (a subclass passes
+    them on through its keyword arguments, as ``load_from_checkpoint`` does with the hyperparameters)."""
+    legacy = {"adam_beta1": 0.9, "adam_beta2": 0.99, "adam_weight_decay": 0.05, "adam_epsilon": 1e-6}
+    module = StableDiffusionXLDPOModule(tiny_sdxl, **legacy)
+    assert module.hparams.optimizer == {
+        "class_path": "torch.optim.adamw.AdamW",
+        "init_args": {"betas": [0.9, 0.99], "eps": 1e-6, "weight_decay": 0.05},
+    }
+    with pytest.raises(ValueError, match="adam_weight_decay is version 0.1's AdamW setting"):
+        DiffusionDPOModule("/nonexistent/model", adam_weight_decay=0.05, optimizer=ADAFACTOR)
