@@ -24,6 +24,25 @@ logging and the optimizer are counted; the first step of every run is a warm-up 
 The four are run in turn, ``--rounds`` times, so that a slow spell of a shared machine falls on
 all of them; the figures are medians over every counted step.
 
+Reference-update events (``ReferenceModelUpdate``, full fine-tuning, ``divergence_samples`` = 4
+winners of a training batch): the time of one event, 3 events of each kind timed in every round
+after its steps (so a slow spell falls on steps and events alike), the median, and that time
+amortized over ``tau`` = 32 steps as a share of the module's step (b):
+
+- ``hard_copy_accepted`` / ``hard_copy_refused``: ``alpha = 1``, the candidate measured on the
+  policy (two no-grad forwards of the winners: the candidate's and the initial model's) and, when
+  accepted, the policy copied into the reference;
+- ``cpu_copy_accepted``: the path a soft update takes (and, before, every event): the reference
+  copied to CPU memory, the candidate formed in it, the same two forwards;
+- ``hard_copy_offloaded``: as ``hard_copy_accepted`` with ``offload_initial``: the initial model
+  brought from CPU memory for the event (a no-op on a CPU run, a host-to-device copy on a GPU).
+
+and the peak memory of an accepted event above the memory in use just before it, in one fresh
+process (fp32 copies; ``_bf16``: ``frozen_dtype: bfloat16``, where the hard copy's candidate is the
+policy cast to bf16): on CPU the resident set's high-water mark, reset before the event
+(``/proc/self/clear_refs``), with glibc's mmap threshold fixed so that freed blocks leave the
+resident set; with ``--device cuda``, ``torch.cuda.max_memory_allocated``.
+
 Memory: the peak resident memory above the process's start (models, optimizer state,
 activations) of (e) LoRA DPO with the reference as a second adapter of the same UNet (our module)
 and (f) LoRA supervised fine-tuning (diffusers' ``unet.add_adapter``, one MSE forward over the
@@ -102,6 +121,10 @@ PRESETS = {
 BETA = 5000.0
 LEARNING_RATE = 1e-5
 LORA_RANK = 8
+TAU = 32
+DIVERGENCE_SAMPLES = 4
+EVENT_KINDS = ("hard_copy_accepted", "hard_copy_refused", "cpu_copy_accepted", "hard_copy_offloaded")
+EVENT_MEMORY_KINDS = ("event_cpu_copy", "event_hard_copy", "event_cpu_copy_bf16", "event_hard_copy_bf16")
 DEVICE = torch.device("cpu")
 
 
@@ -263,11 +286,65 @@ def public_style_step(model: str):
     return step
 
 
-def peak_memory(kind: str, model: str, cache: Path, pairs: int, steps: int) -> int:
+def event_batch(root: Path, preset: dict, cache: Path) -> dict:
+    """A training batch of the latent cache, as the callback receives it."""
+    data = make_data(root, preset, latent_cache=str(cache))
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def event_trainer() -> Trainer:
+    """What an event reads of the trainer outside a fit: its step (0), rank and strategy's reduce."""
+    return Trainer(accelerator="gpu" if DEVICE.type == "cuda" else "cpu", devices=1, logger=False)
+
+
+def event(module: DiffusionDPOModule, batch: dict, trainer: Trainer, kind: str) -> None:
+    """One reference-update event on ``module``: ``hard_copy`` or ``cpu_copy`` (the path of a soft
+    update, forced here for ``alpha = 1``), ``_accepted`` or ``_refused``."""
+    from lightning_refdpo import ReferenceModelUpdate
+
+    callback = ReferenceModelUpdate(every_n_steps=TAU, divergence_samples=DIVERGENCE_SAMPLES)
+    refused = kind.endswith("_refused")
+    callback.max_divergence = -1.0 if refused else None  # a cap every candidate is above, or none
+    reference = module.reference
+    if kind.startswith("cpu_copy"):
+        reference.measures_hard_copy = lambda policy: False
+    module.log_dict = lambda *args, **kwargs: None  # outside a fit there is no logger to log to
+    try:
+        callback.update(trainer, module, batch)
+    finally:
+        reference.__dict__.pop("measures_hard_copy", None)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    assert callback.num_updates == (0 if refused else 1)
+
+
+def event_timer(model: str, root: Path, preset: dict, cache: Path):
+    """A function that times 3 events of each of ``EVENT_KINDS`` into ``times``, on a full
+    fine-tuning module and one with ``offload_initial`` (built once)."""
+    batch, trainer = event_batch(root, preset, cache), event_trainer()
+    module, offloaded = make_module(model).to(DEVICE), make_module(model, offload_initial=True).to(DEVICE)
+
+    def time_events(times: dict[str, list[float]]) -> None:
+        for _ in range(3):
+            for kind in EVENT_KINDS:
+                start = step_done()
+                if kind == "hard_copy_offloaded":
+                    event(offloaded, batch, trainer, "hard_copy_accepted")
+                else:
+                    event(module, batch, trainer, kind)
+                times[kind].append(step_done() - start)
+
+    return time_events
+
+
+def peak_memory(kind: str, model: str, cache: Path, preset: dict) -> int:
     """Run in a fresh process: peak resident (CPU) or allocated (GPU) bytes above the start of (e)
     or (f) training."""
+    pairs = preset["pairs"]
     start = torch.cuda.memory_allocated() if DEVICE.type == "cuda" else _resident_bytes()
-    batches = list(cached_batches(cache, pairs, steps, seed=0))
+    batches = list(cached_batches(cache, pairs, preset["memory_steps"], seed=0))
     if kind == "lora_ref":
         module = make_module(model, lora_rank=LORA_RANK).to(DEVICE)
         sampler = DiscountedTimestepSampler(1000, gamma=0.9, num_bins=50)
@@ -316,6 +393,29 @@ def peak_memory(kind: str, model: str, cache: Path, pairs: int, steps: int) -> i
     return _memory_status("VmHWM") - start
 
 
+def event_peak_memory(model: str, cache: Path, preset: dict) -> dict[str, int]:
+    """Run in a fresh process: for each of ``EVENT_MEMORY_KINDS``, the peak resident (CPU) or
+    allocated (GPU) bytes of an accepted event above those in use just before it (after a warm-up
+    event of the same kind, so first-call workspaces are not counted)."""
+    batch, trainer = event_batch(cache.parent, preset, cache), event_trainer()
+    modules = {dtype: make_module(model, frozen_dtype=dtype).to(DEVICE) for dtype in (None, "bfloat16")}
+    peaks = {}
+    for kind in EVENT_MEMORY_KINDS:
+        module = modules["bfloat16" if kind.endswith("_bf16") else None]
+        path = kind.removeprefix("event_").removesuffix("_bf16") + "_accepted"
+        event(module, batch, trainer, path)
+        if DEVICE.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the resident set now
+            start = _resident_bytes()
+        event(module, batch, trainer, path)
+        peak = torch.cuda.max_memory_allocated() if DEVICE.type == "cuda" else _memory_status("VmHWM")
+        peaks[kind] = peak - start
+    return peaks
+
+
 def _resident_bytes() -> int:
     return _memory_status("VmRSS")
 
@@ -329,7 +429,8 @@ def _memory_status(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}; peak memory is measured on Linux only")
 
 
-def measure_memory(preset: str, kind: str, model: str, cache: Path) -> int:
+def measure_memory(preset: str, kind: str, model: str, cache: Path) -> int | dict[str, int]:
+    """``peak_memory`` of ``kind``, or ``event_peak_memory`` for ``kind="events"``, in a fresh process."""
     out = subprocess.run(
         [
             sys.executable,
@@ -348,9 +449,16 @@ def measure_memory(preset: str, kind: str, model: str, cache: Path) -> int:
         check=True,
         capture_output=True,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+        # A fixed mmap threshold: glibc then returns every large freed block to the system at once,
+        # so the resident set follows the live tensors (its default raises the threshold after the
+        # first frees and keeps later blocks, which would hide an event's allocations from VmHWM).
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": str(torch.get_num_threads()),
+            "MALLOC_MMAP_THRESHOLD_": str(128 * 1024),
+        },
     )
-    return int(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def build(root: Path, preset: dict) -> tuple[str, Path]:
@@ -381,6 +489,8 @@ def main(preset_name: str, output: Path) -> dict:
     bare, public_style = bare_step(model, pairs), public_style_step(model)
     pixel_data = make_data(root, preset)
     pixel_data.setup("fit")
+    time_events = event_timer(model, root, preset, cache)
+    event_times: dict[str, list[float]] = {kind: [] for kind in EVENT_KINDS}
     for round_ in range(preset["rounds"]):
         print(f"round {round_ + 1}/{preset['rounds']}", flush=True)
         timed_loop(bare, cached_batches(cache, pairs, steps, seed=round_), times["bare"])
@@ -388,12 +498,16 @@ def main(preset_name: str, output: Path) -> dict:
         fit_steps(module, make_data(root, preset), steps, timers["module_uncached"])
         loader = iter(pixel_data.train_dataloader())
         timed_loop(public_style, (next(loader) for _ in range(steps)), times["public_style"])
+        time_events(event_times)
     for name, timer in timers.items():
         times[name] = timer.times
     median = {name: statistics.median(values) for name, values in times.items()}
 
-    print("measuring peak memory of LoRA DPO (reference adapter) and LoRA SFT", flush=True)
+    event_median = {kind: statistics.median(values) for kind, values in event_times.items()}
+
+    print("measuring peak memory of LoRA DPO (reference adapter) and LoRA SFT, and of events", flush=True)
     memory = {kind: measure_memory(preset_name, kind, model, cache) for kind in ("lora_ref", "lora_sft")}
+    event_memory = measure_memory(preset_name, "events", model, cache)
     results = {
         "preset": preset_name,
         "unet_parameters": unet_parameters,
@@ -407,6 +521,19 @@ def main(preset_name: str, output: Path) -> dict:
         "speedup_vs_public_style": median["public_style"] / median["module"],
         "peak_memory_bytes": memory,
         "memory_ratio_lora_ref_vs_sft": memory["lora_ref"] / memory["lora_sft"],
+        "reference_update_event": {
+            "tau": TAU,
+            "divergence_samples": DIVERGENCE_SAMPLES,
+            "seconds_median": event_median,
+            "seconds": event_times,
+            "amortized_share_of_step": {
+                kind: seconds / TAU / median["module"] for kind, seconds in event_median.items()
+            },
+            "peak_memory_bytes": event_memory,
+            "reference_bytes": {
+                dtype: unet_parameters * (4 if dtype == "fp32" else 2) for dtype in ("fp32", "bf16")
+            },
+        },
         "machine": {
             "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
             "cpu_threads": torch.get_num_threads(),
@@ -441,6 +568,14 @@ def print_table(results: dict) -> None:
         f"(b)/(a) {results['ratio_module_vs_bare']:.3f}   (c)/(a) {results['ratio_uncached_vs_bare']:.3f}   "
         f"(d)/(b) {results['speedup_vs_public_style']:.3f}"
     )
+    events = results["reference_update_event"]
+    print(f"\nreference-update event (tau {events['tau']}, {events['divergence_samples']} winners)")
+    print(f"{'event':<24}{'median s':>10}{'amortized share of a step':>28}")
+    for kind, seconds in events["seconds_median"].items():
+        print(f"{kind:<24}{seconds:>10.3f}{events['amortized_share_of_step'][kind]:>27.2%}")
+    print("event peak memory above the memory before it:")
+    for kind, peak in events["peak_memory_bytes"].items():
+        print(f"  {kind:<24}{peak / 2**20:>8.0f} MiB")
 
 
 if __name__ == "__main__":
@@ -458,6 +593,9 @@ if __name__ == "__main__":
     DEVICE = torch.device(args.device)
     if args.memory:
         preset = PRESETS[args.preset]
-        print(peak_memory(args.memory, args.model, args.cache, preset["pairs"], preset["memory_steps"]))
+        if args.memory == "events":
+            print(json.dumps(event_peak_memory(args.model, args.cache, preset)))
+        else:
+            print(peak_memory(args.memory, args.model, args.cache, preset))
     else:
         main(args.preset, args.output)

@@ -17,6 +17,7 @@ Python and returns the :class:`RefDPOCLI`, whose ``result`` holds what ``cache``
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import re
 import signal
@@ -195,6 +196,9 @@ def build_cli(args: list[str] | None, run: bool = True) -> RefDPOCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        # The optimizer and LR schedule are the module's arguments (lightning_refdpo.optim says why),
+        # so LightningCLI's own top-level optimizer / lr_scheduler keys are not offered.
+        auto_configure_optimizers=False,
         parser_class=RefDPOArgumentParser,
         parser_kwargs={"prog": "lightning-refdpo", "description": DESCRIPTION},
         run=run,
@@ -229,12 +233,44 @@ def one_line(message: str) -> str:
     last, match = found[-1]
     rest = [match.group(2)] + lines[last + 1 :]
     detail = next((line for line in rest if line and not line.startswith(SKIPPED_REPORT_LINES)), "")
-    return f"{'.'.join(m.group(1) for _, m in found)}: {detail.removeprefix('- ')}"
+    key = ".".join(m.group(1) for _, m in found)
+    nested = NESTED_NOT_ACCEPTED.search(message)
+    if nested:  # an init argument of a class given inside the model's arguments (optimizer, scheduler)
+        name, class_path = nested.groups()
+        if name == "lr" and key == "model.optimizer":
+            return f"{key}.init_args.lr: the learning rate is model.init_args.learning_rate (see scale_lr)"
+        if class_path == "torch.optim.Optimizer":  # init_args without a class_path: the default is null
+            return f"{key}.init_args.{name}: give {key}'s class_path first (e.g. torch.optim.AdamW)"
+        return f"{key}.init_args.{name}: not accepted by {class_path}"
+    return f"{key}: {detail.removeprefix('- ')}"
+
+
+NESTED_NOT_ACCEPTED = re.compile(
+    r"Option '(\w+)' is not accepted\. Got value: Namespace\(class_path='([\w.]+)'"
+)
+
+
+def nested_suggestion(message: str) -> str:
+    """`` (did you mean x?)`` for an init argument that a class given inside the model's arguments
+    (``model.init_args.optimizer``) does not accept: the closest of that class's parameters."""
+    nested = NESTED_NOT_ACCEPTED.search(message)
+    module_name, _, name = nested.group(2).rpartition(".") if nested else ("", "", "")
+    try:
+        parameters = list(inspect.signature(getattr(importlib.import_module(module_name), name)).parameters)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return ""
+    close = difflib.get_close_matches(nested.group(1), parameters, n=1, cutoff=0.7)
+    if close == [nested.group(1)]:  # a parameter the library passes itself (lr, optimizer)
+        return ""
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def suggestion(parser: Any, message: str) -> str:
     """`` (did you mean --x?)`` for the unknown options of an "unrecognized arguments" report, or
-    an init argument that a ``--model`` / ``--data`` class does not accept."""
+    an init argument that a ``--model`` / ``--data`` class (or a class inside their arguments) does
+    not accept."""
+    if NESTED_NOT_ACCEPTED.search(message):
+        return nested_suggestion(message)
     unknown = re.findall(r"--[\w.-]+", message.partition("nrecognized arguments:")[2])
     keys = re.findall(r'Parser key "([^"]+)"', message)
     unknown += [

@@ -37,6 +37,14 @@ from lightning_refdpo.losses import (
     scale_loser_gradient,
     winner_preserving_scale,
 )
+from lightning_refdpo.optim import (
+    LRSchedulerCallable,
+    OptimizerCallable,
+    build_lr_scheduler,
+    build_optimizer,
+    lr_scheduler_spec,
+    optimizer_spec,
+)
 from lightning_refdpo.reference import CopiedReference, LoRAReference, ReferenceStrategy
 
 # The frozen VAE, text encoders and denoiser copies stay in eval mode on purpose (see ``train``).
@@ -79,12 +87,25 @@ class DiffusionDPOModule(LightningModule):
         lora_dropout: dropout inside the policy adapter only, so reference and initial forwards are
             deterministic.
         learning_rate: per-pair learning rate; with ``scale_lr`` it is multiplied by the effective
-            batch ``batch_size * accumulate_grad_batches * world_size`` (Diffusion-DPO: 1e-8 x 2048).
-        lr_scheduler, lr_warmup_steps: a ``diffusers.optimization.get_scheduler`` name and warm-up.
-        adam_*: AdamW settings (the Diffusion-DPO script's defaults).
+            batch ``batch_size * accumulate_grad_batches * world_size`` (Diffusion-DPO: 1e-8 x 2048),
+            for any optimizer.
+        optimizer: the optimizer class, as ``class_path`` and ``init_args`` (without ``lr``: it is
+            ``learning_rate``); ``None`` is ``torch.optim.AdamW`` with the Diffusion-DPO script's
+            settings (betas 0.9 / 0.999, eps 1e-8, weight decay 1e-2; ``optim.DEFAULT_OPTIMIZER``).
+            Documented choices in ``lightning_refdpo.optim``: AdamW, ``transformers.Adafactor``,
+            ``bitsandbytes`` AdamW8bit.
+        lr_scheduler: a ``diffusers.optimization.get_scheduler`` name, or a scheduler class as
+            ``class_path`` and ``init_args`` (without the optimizer); stepped every optimizer step.
+        lr_warmup_steps: linear warm-up of a named schedule (a scheduler class takes its own).
+        adam_beta1, adam_beta2, adam_weight_decay, adam_epsilon: the AdamW settings of version 0.1,
+            kept so that its configs and checkpoints load: they set the default AdamW's
+            ``init_args`` and are refused beside ``optimizer``.
         frozen_dtype: dtype of the frozen reference/initial copies in full fine-tuning (``bfloat16``
             halves their memory); ``None`` keeps the policy's. A 16-bit reference cannot take a soft
             update (``ReferenceModelUpdate.alpha < 1``): that combination is refused.
+        offload_initial: full fine-tuning only: keep the initial model in CPU memory and bring it to
+            the device for reference-update events, validation epochs and the evaluation baseline
+            (``reference.CopiedReference``); saves one frozen copy of device memory between them.
         gradient_checkpointing: recompute denoiser activations in the backward pass.
         attention: ``sdpa`` (PyTorch scaled-dot-product attention), ``xformers`` or ``eager``.
         channels_last: denoisers in channels-last memory format.
@@ -122,13 +143,15 @@ class DiffusionDPOModule(LightningModule):
         lora_dropout: float = 0.0,
         learning_rate: float = 1e-8,
         scale_lr: bool = True,
-        lr_scheduler: str = "constant_with_warmup",
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: str | LRSchedulerCallable = "constant_with_warmup",
         lr_warmup_steps: int = 0,
-        adam_beta1: float = 0.9,
-        adam_beta2: float = 0.999,
-        adam_weight_decay: float = 1e-2,
-        adam_epsilon: float = 1e-8,
+        adam_beta1: float | None = None,
+        adam_beta2: float | None = None,
+        adam_weight_decay: float | None = None,
+        adam_epsilon: float | None = None,
         frozen_dtype: str | None = None,
+        offload_initial: bool = False,
         gradient_checkpointing: bool = False,
         attention: str = "sdpa",
         channels_last: bool = False,
@@ -146,6 +169,23 @@ class DiffusionDPOModule(LightningModule):
         )  # fmt: skip
         for key in ("pretrained_model_name_or_path", "vae_name_or_path"):
             self.hparams[key] = absolute_if_local(self.hparams[key])
+        # Plain class_path / init_args, so that a checkpoint records them and loads without unpickling code.
+        legacy = {"adam_beta1": adam_beta1, "adam_beta2": adam_beta2, "adam_weight_decay": adam_weight_decay}
+        legacy |= {"adam_epsilon": adam_epsilon}
+        self.hparams["optimizer"] = optimizer_spec(
+            self.hparams["optimizer"], {k: v for k, v in legacy.items() if v is not None}
+        )
+        self.hparams["lr_scheduler"] = lr_scheduler_spec(self.hparams["lr_scheduler"])
+        if lr_warmup_steps and not isinstance(self.hparams["lr_scheduler"], str):
+            raise ValueError(
+                "model.lr_warmup_steps applies to a schedule named by a string; give a scheduler class its "
+                "warm-up in its init_args, or set lr_warmup_steps: 0"
+            )
+        if offload_initial and lora_rank is not None:
+            raise ValueError(
+                "model.offload_initial applies to full fine-tuning: with LoRA the initial model is the "
+                "denoiser with its adapters disabled and costs nothing; set offload_initial: false"
+            )
         hp = self.hparams
         self.backbone = self.build_backbone()
         self.policy = self.backbone.load_denoiser()
@@ -155,7 +195,8 @@ class DiffusionDPOModule(LightningModule):
             alpha = lora_alpha if lora_alpha is not None else lora_rank
             self.reference = LoRAReference(self.policy, lora_rank, alpha, targets, lora_dropout)
         else:
-            self.reference = CopiedReference(self.policy, DTYPES[frozen_dtype] if frozen_dtype else None)
+            dtype = DTYPES[frozen_dtype] if frozen_dtype else None
+            self.reference = CopiedReference(self.policy, dtype, offload_initial)
         self.register_buffer("reward_scales", self.backbone.reward_scale_schedule(), persistent=False)
         if gradient_checkpointing:
             self.policy.enable_gradient_checkpointing()
@@ -310,7 +351,8 @@ class DiffusionDPOModule(LightningModule):
         forward-process estimate of ``KL(p_cand || p_init)`` of arXiv 2505.18736 (Eq. 8) with the
         constant timestep weighting of Diffusion-DPO, ``t ~ U{0..T-1}`` and noise for each winner
         from a generator seeded with ``sample_seeds[i]`` (the same draws wherever the winner is),
-        else all from ``generator``. ``candidate`` is ``"policy"`` or ``"reference"``."""
+        else all from ``generator``. ``candidate`` is ``"policy"``, ``"reference"`` or ``"hard_copy"``
+        (the policy as a hard copy into the reference would store it, ``ReferenceStrategy.hard_copy``)."""
         n = min(num_samples, len(batch["caption"]))
         subset = {k: v[:n] for k, v in batch.items() if isinstance(v, torch.Tensor | list)}
         latents, _, cond = self.backbone.encode_batch(subset)
@@ -324,9 +366,11 @@ class DiffusionDPOModule(LightningModule):
         noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(latents)
         noisy = self.backbone.add_noise(latents, noise, timesteps)
         target = self.backbone.diffusion_target(latents, noise, timesteps)
-        candidate_model = (
-            self.reference.reference(self.policy) if candidate == "reference" else nullcontext(self.policy)
-        )
+        candidate_model = {
+            "policy": lambda: nullcontext(self.policy),
+            "reference": lambda: self.reference.reference(self.policy),
+            "hard_copy": lambda: self.reference.hard_copy(self.policy),
+        }[candidate]()
         errors = []
         for context in (candidate_model, self.reference.initial(self.policy)):
             with context as denoiser:
@@ -387,6 +431,12 @@ class DiffusionDPOModule(LightningModule):
                 sync_dist=True,
             )
 
+    def on_validation_epoch_start(self) -> None:
+        self.reference.load_initial(self.device)  # for the margins against it, batch after batch
+
+    def on_validation_epoch_end(self) -> None:
+        self.reference.unload_initial()
+
     def on_train_epoch_end(self) -> None:
         self.guard.check_skipped_pairs(self.trainer.strategy, self.device)
 
@@ -395,8 +445,8 @@ class DiffusionDPOModule(LightningModule):
 
     # ------------------------------------------------------------------ the optimizer
     def configure_optimizers(self) -> dict[str, Any]:
-        from diffusers.optimization import get_scheduler
-
+        """``model.optimizer`` over the trainable policy parameters at ``learning_rate`` (times the
+        effective batch with ``scale_lr``) and ``model.lr_scheduler``, stepped every optimizer step."""
         hp = self.hparams
         lr = hp.learning_rate
         if hp.scale_lr:
@@ -408,16 +458,10 @@ class DiffusionDPOModule(LightningModule):
                 )
             lr *= batch_size * self.trainer.accumulate_grad_batches * self.trainer.world_size
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        betas = (hp.adam_beta1, hp.adam_beta2)
-        optimizer = torch.optim.AdamW(
-            params, lr=lr, betas=betas, weight_decay=hp.adam_weight_decay, eps=hp.adam_epsilon
-        )
+        optimizer = build_optimizer(hp.optimizer, params, lr)
         total = self.trainer.estimated_stepping_batches
-        scheduler = get_scheduler(
-            hp.lr_scheduler,
-            optimizer,
-            num_warmup_steps=hp.lr_warmup_steps,
-            num_training_steps=int(total) if math.isfinite(total) else None,
+        scheduler = build_lr_scheduler(
+            hp.lr_scheduler, optimizer, hp.lr_warmup_steps, int(total) if math.isfinite(total) else None
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

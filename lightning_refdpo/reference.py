@@ -3,8 +3,9 @@
 arXiv 2505.18736 trains a policy ``theta`` against a reference ``ref`` that moves during training
 and measures how far it moved from the initial model ``init`` (Sec. 4.1). A strategy owns the
 layout of ``ref`` and ``init`` beside the policy and offers the same operations for both
-layouts: no-grad forwards of each, ``update(alpha)``, ``reset()``, a CPU copy of the reference to
-undo an update, and which state-dict keys a checkpoint must keep.
+layouts: no-grad forwards of each and of the hard-copy candidate (the policy as the reference would
+store it), ``update(alpha)``, ``reset()``, a CPU copy of the reference to undo a soft update, and
+which state-dict keys a checkpoint must keep.
 """
 
 from __future__ import annotations
@@ -37,6 +38,24 @@ class ReferenceStrategy(torch.nn.Module, ABC):
     @contextmanager
     def initial(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
         """The initial (pretrained) denoiser, for a no-grad forward."""
+
+    def load_initial(self, device: torch.device) -> None:
+        """Keep the initial model on ``device`` until :meth:`unload_initial` (only an offloaded one
+        moves)."""
+
+    def unload_initial(self) -> None:
+        """End a :meth:`load_initial`."""
+
+    @abstractmethod
+    @contextmanager
+    def hard_copy(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """The candidate of a hard copy (``update(policy, 1.0)``) for a no-grad forward, computing
+        what the reference would after the copy, without changing the reference."""
+
+    def measures_hard_copy(self, policy: torch.nn.Module) -> bool:
+        """Whether :meth:`hard_copy` is available (else a hard copy is measured in the reference and
+        undone from :meth:`state`)."""
+        return True
 
     @abstractmethod
     def update(self, policy: torch.nn.Module, alpha: float = 1.0) -> None:
@@ -79,8 +98,8 @@ class ReferenceStrategy(torch.nn.Module, ABC):
         return next(iter(self.reference_parameters(policy).values())).dtype
 
     def state(self, policy: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """A copy of the reference weights in CPU memory (to undo a rejected update without a second
-        reference on the accelerator)."""
+        """A copy of the reference weights in CPU memory (to undo a rejected soft update without a
+        second reference on the accelerator)."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.reference_parameters(policy).items()}
 
     @torch.no_grad()
@@ -113,6 +132,13 @@ class LoRAReference(ReferenceStrategy):
     @contextmanager
     def initial(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
         with lora.use_adapter(policy, None):
+            yield policy
+
+    @contextmanager
+    def hard_copy(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """The policy adapter itself: the copy is exact and both adapters have the same rank and
+        scaling (its dropout is off in eval mode, where the update event runs)."""
+        with lora.use_adapter(policy, lora.POLICY):
             yield policy
 
     @torch.no_grad()
@@ -174,14 +200,31 @@ class LoRAReference(ReferenceStrategy):
 
 class CopiedReference(ReferenceStrategy):
     """Full fine-tuning: ``model`` (the reference) and ``initial_model`` are frozen copies of the policy
-    denoiser, in ``dtype`` (``None``: the policy's)."""
+    denoiser, in ``dtype`` (``None``: the policy's).
+
+    With ``offload_initial`` the initial model stays in CPU memory (pinned where CUDA is available),
+    out of the module's parameters, so ``.to(device)``, DDP and checkpoints never see it, and is
+    brought to the policy's device only inside :meth:`initial` (update events, validation margins,
+    the evaluation baseline) or between :meth:`load_initial` and :meth:`unload_initial` (a
+    validation epoch). Bringing it in copies its weights to the device once; sending it back drops
+    that copy (the CPU weights never change).
+    """
 
     uses_lora = False
 
-    def __init__(self, policy: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, policy: torch.nn.Module, dtype: torch.dtype | None = None, offload_initial: bool = False
+    ) -> None:
         super().__init__()
         self.model = _frozen_copy(policy, dtype)
-        self.initial_model = _frozen_copy(policy, dtype)
+        self.offload_initial = offload_initial
+        self.sharded = False
+        self._initial_users = 0
+        self._initial_on_host: list[torch.Tensor] = []
+        if offload_initial:  # a plain attribute: not a submodule, so not moved, wrapped or saved
+            object.__setattr__(self, "initial_model", _frozen_copy(policy, dtype))
+        else:
+            self.initial_model = _frozen_copy(policy, dtype)
 
     @contextmanager
     def reference(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
@@ -189,7 +232,60 @@ class CopiedReference(ReferenceStrategy):
 
     @contextmanager
     def initial(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        yield self.initial_model
+        self.load_initial(next(policy.parameters()).device)
+        try:
+            yield self.initial_model
+        finally:
+            self.unload_initial()
+
+    @torch.no_grad()
+    def load_initial(self, device: torch.device) -> None:
+        """Bring an offloaded initial model to ``device`` (in the reference's dtype) until the matching
+        :meth:`unload_initial`; calls nest."""
+        self._initial_users += 1
+        if not self.offload_initial or self._initial_users > 1:
+            return
+        dtype = next(self.model.parameters()).dtype
+        tensors = _tensors(self.initial_model)
+        self._initial_on_host = [t.data for t in tensors]
+        for t in tensors:
+            host = t.data.pin_memory() if device.type == "cuda" and not t.data.is_pinned() else t.data
+            t.data = host.to(device=device, dtype=dtype if t.is_floating_point() else None, non_blocking=True)
+
+    def unload_initial(self) -> None:
+        """Send the initial model back to CPU memory once its last user is done."""
+        self._initial_users -= 1
+        if not self.offload_initial or self._initial_users > 0:
+            return
+        for t, host in zip(_tensors(self.initial_model), self._initial_on_host, strict=True):
+            t.data = host
+        self._initial_on_host = []
+
+    def measures_hard_copy(self, policy: torch.nn.Module) -> bool:
+        """Not under FSDP with a reference dtype other than the policy's: the candidate would be cast
+        shard by shard into parameters that FSDP writes back into its own flat storage."""
+        return not self.sharded or self.dtype(policy) == next(policy.parameters()).dtype
+
+    @contextmanager
+    def hard_copy(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """The policy itself where the reference has the policy's dtype; otherwise the reference
+        module running on the policy's weights cast to the reference's dtype (what ``update``
+        would store), one reference-sized allocation on the device for the duration of the forward,
+        the reference's own weights put back after it."""
+        dtype = self.dtype(policy)
+        if all(p.dtype == dtype for p in policy.parameters()):
+            yield policy
+            return
+        parameters = list(self.model.parameters())
+        own = [p.data for p in parameters]
+        with torch.no_grad():
+            for ref, theta in zip(parameters, policy.parameters(), strict=True):
+                ref.data = theta.detach().to(dtype)
+        try:
+            yield self.model
+        finally:
+            for ref, data in zip(parameters, own, strict=True):
+                ref.data = data
 
     @torch.no_grad()
     def update(self, policy: torch.nn.Module, alpha: float = 1.0) -> None:
@@ -231,7 +327,15 @@ class CopiedReference(ReferenceStrategy):
         return policy
 
     def check_sharding(self, policy: torch.nn.Module, sharded: bool) -> None:
-        """Refuse a reference sharded unlike the policy (FSDP wrapping them differently)."""
+        """Refuse a reference sharded unlike the policy (FSDP wrapping them differently), and an
+        offloaded initial model under FSDP (it would come in whole, unsharded, on every rank)."""
+        self.sharded = sharded
+        if sharded and self.offload_initial:
+            raise ValueError(
+                "model.offload_initial with FSDPStrategy is not supported: FSDP already keeps 1/world_size "
+                "of the initial model on each GPU, and an offloaded one would come in whole on every rank; "
+                "set offload_initial: false (or use FSDP's own cpu_offload)"
+            )
         pairs = zip(self.model.parameters(), policy.parameters(), strict=True)
         if any(ref.shape != p.shape for ref, p in pairs):
             raise ValueError(
@@ -239,6 +343,10 @@ class CopiedReference(ReferenceStrategy):
                 "class (e.g. diffusers.UNet2DConditionModel) to trainer.strategy.init_args.auto_wrap_policy "
                 "(see configs/sdxl/fsdp.yaml)"
             )
+
+
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
 
 
 def _frozen_copy(module: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from lightning_refdpo.cli import RefDPOCLI, build_cli
+from lightning_refdpo.optim import optimizer_spec
 from tests.test_console import assert_one_line_error, fit_args, run
 
 REPO = Path(__file__).parents[1]
@@ -244,3 +245,39 @@ def test_objective_overlays_carry_the_public_settings_under_the_papers_method(ov
     model = parse(configs).model.init_args
     assert {key: model[key] for key in expected} == expected
     assert model.reward_scale is True
+
+
+ADAFACTOR_OF_THE_AUTHORS = {
+    "class_path": "transformers.Adafactor",
+    "weight_decay": 1e-2,
+    "clip_threshold": 1.0,
+    "scale_parameter": False,
+    "relative_step": False,
+}
+
+
+FAMILY_RECIPES = {k: v for k, v in RECIPES.items() if v[0].split("/")[1] in ("sd15", "sdxl", "sd3")}
+
+
+@pytest.mark.parametrize("configs", FAMILY_RECIPES.values(), ids=FAMILY_RECIPES.keys())
+def test_each_recipe_names_its_optimizer(configs, parse):
+    """SDXL and SD3 full fine-tuning on the Diffusion-DPO authors' Adafactor (their train.py: ``if
+    args.use_adafactor or args.sdxl``), SD1.5 and every LoRA overlay on AdamW with the authors'
+    AdamW settings; nothing carried over from another class; the module accepts each."""
+    model = parse(configs).model.init_args
+    optimizer = model.optimizer.as_dict()
+    init_args = optimizer["init_args"]
+    if model.lora_rank is None and configs[0].split("/")[1] in ("sdxl", "sd3"):
+        settings = {k: init_args[k] for k in ADAFACTOR_OF_THE_AUTHORS if k != "class_path"}
+        assert {"class_path": optimizer["class_path"], **settings} == ADAFACTOR_OF_THE_AUTHORS
+        assert tuple(init_args["eps"]) == (1e-30, 1e-3), "Adafactor's own eps"
+    else:
+        assert optimizer["class_path"] == "torch.optim.AdamW"
+        assert (tuple(init_args["betas"]), init_args["eps"], init_args["weight_decay"]) == (
+            (0.9, 0.999),
+            1e-8,
+            1e-2,
+        )
+        assert init_args["fused"] is None and init_args["foreach"] is None, "fused on CUDA by default"
+    assert model.learning_rate > 0 and "lr" not in init_args
+    assert optimizer_spec(optimizer)["init_args"] == init_args

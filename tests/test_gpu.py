@@ -2,6 +2,8 @@
 frozen copies: what CPU tests cannot see (tensors on the wrong device, dtype mixes under autocast).
 Skipped without a GPU (CI has none); run them where one is: ``pytest tests/test_gpu.py``."""
 
+import gc
+
 import pytest
 import torch
 
@@ -96,3 +98,104 @@ def test_every_objective_trains_bf16_on_the_gpu(objective, setting, tiny_sdxl, t
     )
     assert trainer.global_step == 2 and callback.num_updates == 2
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def fsdp():
+    """``configs/sdxl/fsdp.yaml``'s strategy: each UNet and its transformer and resnet blocks are units."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return FSDPStrategy(
+        sharding_strategy="FULL_SHARD",
+        auto_wrap_policy={UNet2DConditionModel, BasicTransformerBlock, ResnetBlock2D},
+        state_dict_type="full",
+    )
+
+
+def fit_with_events(
+    tiny_model, tiny_data, root, strategy, accepted: bool, frozen_dtype, max_steps=4, ckpt=None
+):
+    """4 bf16-mixed steps with a reference-update event every 2 steps, accepted or refused (the real
+    divergence forwards run either way), and a full checkpoint every 2 steps; returns the peak memory."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = make_module(tiny_model, frozen_dtype=frozen_dtype, reward_scale=True, learning_rate=1e-4)
+    if not accepted:
+        measured = module.estimate_divergence
+        module.estimate_divergence = lambda *args, **kwargs: measured(*args, **kwargs) + 1.0  # above the cap
+    callback = ReferenceModelUpdate(every_n_steps=2, max_divergence=0.5)
+    checkpoints = ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fit_tiny(
+        module,
+        tiny_data,
+        max_steps=max_steps,
+        accelerator="gpu",
+        devices=1,
+        strategy=strategy,
+        precision="bf16-mixed",
+        enable_checkpointing=True,
+        callbacks=[callback, checkpoints],
+        ckpt_path=ckpt,
+    )
+    return callback, torch.cuda.max_memory_allocated()
+
+
+@pytest.mark.parametrize("frozen_dtype", [None, "bfloat16"], ids=["fp32-copies", "bf16-copies"])
+@pytest.mark.parametrize("accepted", [True, False], ids=["accepted", "refused"])
+def test_fsdp_update_events_full_checkpoint_and_exact_resume(
+    tiny_model, tiny_data, tmp_path, accepted, frozen_dtype
+):
+    """FSDP at world size 1 still wraps the three UNets into units and runs the update events through
+    them: 4 steps in one run and 2 + resume + 2 from the ``state_dict_type: full`` checkpoint give the
+    same policy, reference and decisions; the peak memory is reported against DDP on the same model."""
+    whole, fsdp_peak = fit_with_events(
+        tiny_model, tiny_data, tmp_path / "whole", fsdp(), accepted, frozen_dtype
+    )
+    assert (whole.num_updates, whole.frozen) == ((2, False) if accepted else (0, True))
+    step_two = next((tmp_path / "whole").glob("*step=2.ckpt"))
+    state = torch.load(step_two, map_location="cpu", weights_only=True)
+    assert any(k.startswith("policy.") for k in state["state_dict"])
+    assert any(k.startswith("reference.model.") for k in state["state_dict"])
+    resumed, _ = fit_with_events(
+        tiny_model, tiny_data, tmp_path / "resumed", fsdp(), accepted, frozen_dtype, ckpt=str(step_two)
+    )
+    for key in ("num_updates", "num_reinits", "frozen", "last_event_step"):
+        assert resumed.state_dict()[key] == whole.state_dict()[key], key
+    assert resumed.last_divergence == pytest.approx(whole.last_divergence, rel=1e-3, abs=1e-6)
+    expected = torch.load(next((tmp_path / "whole").glob("*step=4.ckpt")), weights_only=True)["state_dict"]
+    got = torch.load(next((tmp_path / "resumed").glob("*step=4.ckpt")), weights_only=True)["state_dict"]
+    assert expected.keys() == got.keys()
+    for key in expected:  # GPU kernels may reduce in another order between runs: a tolerance
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+
+    _, ddp_peak = fit_with_events(tiny_model, tiny_data, tmp_path / "ddp", "ddp", accepted, frozen_dtype)
+    print(
+        f"peak memory of 4 steps with events: FSDP {fsdp_peak / 2**20:.1f} MiB, DDP {ddp_peak / 2**20:.1f} MiB"
+    )
+    # World size 1 shards nothing (FSDP falls back to NO_SHARD): FSDP must not hold more than DDP plus
+    # its flat-parameter bookkeeping.
+    assert 0 < fsdp_peak <= 1.5 * ddp_peak
+
+
+def test_offload_initial_keeps_the_initial_model_off_the_gpu(tiny_model, tiny_data):
+    allocated = {}
+    for offload in (False, True):
+        module = make_module(tiny_model, frozen_dtype="bfloat16", offload_initial=offload)
+        callback = ReferenceModelUpdate(every_n_steps=1)
+        fit_tiny(module, tiny_data, max_steps=2, accelerator="gpu", devices=1, callbacks=[callback])
+        assert callback.num_updates == 2
+        initial = module.reference.initial_model
+        assert next(initial.parameters()).device.type == ("cpu" if offload else "cuda")
+        module.cuda()  # what a device move does to it: nothing when offloaded
+        assert next(initial.parameters()).device.type == ("cpu" if offload else "cuda")
+        gc.collect()  # the trainer and its optimizer state, which hold reference cycles
+        torch.cuda.synchronize()
+        allocated[offload] = torch.cuda.memory_allocated()
+        del module, callback, initial
+        torch.cuda.empty_cache()
+    initial_bytes = sum(p.numel() * 2 for p in make_module(tiny_model).policy.parameters())
+    assert allocated[False] - allocated[True] == pytest.approx(initial_bytes, rel=0.05)

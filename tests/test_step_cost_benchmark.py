@@ -31,3 +31,20 @@ def test_step_cost_benchmark_writes_results(tmp_path):
     memory = results["peak_memory_bytes"]
     assert memory["lora_ref"] > 0 and memory["lora_sft"] > 0
     assert results["memory_ratio_lora_ref_vs_sft"] == memory["lora_ref"] / memory["lora_sft"]
+    events = results["reference_update_event"]
+    assert events["tau"] == 32 and set(events["seconds_median"]) == {
+        "hard_copy_accepted",
+        "hard_copy_refused",
+        "cpu_copy_accepted",
+        "hard_copy_offloaded",
+    }
+    for kind, seconds in events["seconds_median"].items():
+        assert seconds > 0
+        assert events["amortized_share_of_step"][kind] == seconds / 32 / times["module"]
+    assert set(events["peak_memory_bytes"]) == {
+        "event_cpu_copy",
+        "event_hard_copy",
+        "event_cpu_copy_bf16",
+        "event_hard_copy_bf16",
+    }
+    assert all(peak >= 0 for peak in events["peak_memory_bytes"].values())

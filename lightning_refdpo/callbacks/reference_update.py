@@ -38,9 +38,12 @@ class ReferenceModelUpdate(Callback):
 
     At every ``every_n_steps``-th optimizer step, unless frozen:
 
-    1. form the candidate ``ref' = (1 - alpha) ref + alpha theta`` in the reference itself
-       (``alpha = 1``: the policy, the hard copy of TR-DPO), keeping the previous reference in CPU
-       memory;
+    1. the candidate ``ref' = (1 - alpha) ref + alpha theta``. With ``alpha = 1`` (the hard copy of
+       TR-DPO, the paper's setting) it is the policy itself, measured without touching the
+       reference (``ReferenceStrategy.hard_copy``) and copied in only once accepted, so a refused
+       candidate costs nothing to undo. A soft update (``alpha < 1``), and a hard copy into a bf16
+       reference under FSDP, are formed in the reference itself, the previous reference kept in CPU
+       memory to undo them;
     2. estimate ``D = mean(mse_ref'(x^w) - mse_init(x^w))`` on ``divergence_samples`` winners of the
        current batch of each rank (Eq. 8, constant weighting). The candidate is measured as it will
        be stored, in the reference's dtype, which is the initial model's: with
@@ -51,7 +54,7 @@ class ReferenceModelUpdate(Callback):
        ranks draw differently and a winner draws the same wherever it lands;
        ``D`` is the mean over the winners of all ranks (``sum_r n_r D_r / sum_r n_r``, one value
        all-reduced), so every rank takes the same decision;
-    3. if ``max_divergence`` is ``None`` or ``D <= max_divergence``: keep ``ref'``; otherwise restore
+    3. if ``max_divergence`` is ``None`` or ``D <= max_divergence``: keep ``ref'``; otherwise keep
        the previous reference and, with ``on_exceed="freeze"``, freeze it for good, or with
        ``"reinit"`` reset it to the initial model (and keep updating later).
 
@@ -138,26 +141,34 @@ class ReferenceModelUpdate(Callback):
         was_training = pl_module.training
         pl_module.eval()
         reference, policy = pl_module.reference, pl_module.policy
-        previous = reference.state(policy)
-        reference.update(policy, self.alpha)
+        in_place = self.alpha == 1.0 and reference.measures_hard_copy(policy)
+        previous = None
+        if not in_place:
+            previous = reference.state(policy)
+            reference.update(policy, self.alpha)
         num_samples = min(self.divergence_samples, len(batch["caption"]))
         divergence_sum = torch.zeros((), device=pl_module.device)
         if num_samples:
             seeds = self.sample_seeds(trainer, batch, num_samples)
-            divergence = pl_module.estimate_divergence(batch, num_samples, "reference", sample_seeds=seeds)
+            candidate = "hard_copy" if in_place else "reference"
+            divergence = pl_module.estimate_divergence(batch, num_samples, candidate, sample_seeds=seeds)
             divergence_sum = divergence.detach().float() * num_samples
         pl_module.train(was_training)
         totals = torch.stack([divergence_sum, torch.tensor(float(num_samples), device=pl_module.device)])
         divergence_sum, num_samples = trainer.strategy.reduce(totals, reduce_op="sum").tolist()
         if not num_samples:  # no decodable winner on any rank: no event
-            reference.load_state(policy, previous)
+            if previous is not None:
+                reference.load_state(policy, previous)
             return
         self.last_divergence = divergence_sum / num_samples
 
         if self.max_divergence is None or self.last_divergence <= self.max_divergence:
+            if in_place:
+                reference.update(policy, 1.0)
             self.num_updates += 1
         else:
-            reference.load_state(policy, previous)
+            if previous is not None:
+                reference.load_state(policy, previous)
             if self.on_exceed == "freeze":
                 self.frozen = True
             else:

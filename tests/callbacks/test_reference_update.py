@@ -186,3 +186,75 @@ def training_loader(data):
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ReferenceModelUpdate(**kwargs)
+
+
+HARD_COPY_LAYOUTS = {
+    "full-fp32": {},
+    "full-bf16": {"frozen_dtype": "bfloat16"},
+    "lora": {"lora_rank": 2},
+}
+
+
+def moved_policy(module_kwargs: dict, tiny_model: str):
+    """A module whose policy has moved away from its reference (as after some training)."""
+    module = make_module(tiny_model, **module_kwargs).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.policy.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * 1e-2)
+    return module
+
+
+def reference_weights(module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.reference.reference_parameters(module.policy).items()}
+
+
+@pytest.mark.parametrize("module_kwargs", HARD_COPY_LAYOUTS.values(), ids=HARD_COPY_LAYOUTS.keys())
+def test_hard_copy_is_measured_on_the_policy_as_the_copy_would_be(tiny_model, tiny_data, module_kwargs):
+    """``D`` of the hard-copy candidate measured without touching the reference equals ``D``
+    measured after copying it into the reference (the previous path), and the reference is as
+    before, down to its storages."""
+    module = moved_policy(module_kwargs, tiny_model)
+    batch = next(iter(training_loader(tiny_data)))
+    before = reference_weights(module)
+    storages = [t.data_ptr() for t in module.reference.reference_parameters(module.policy).values()]
+    seeds = [11, 12, 13, 14]
+    measured = module.estimate_divergence(batch, 4, "hard_copy", sample_seeds=seeds)
+    after = module.reference.reference_parameters(module.policy)
+    assert all(torch.equal(before[k], after[k]) for k in before), "measuring changed the reference"
+    assert [t.data_ptr() for t in after.values()] == storages
+    module.reference.update(module.policy, 1.0)
+    copied = module.estimate_divergence(batch, 4, "reference", sample_seeds=seeds)
+    torch.testing.assert_close(measured, copied, rtol=1e-6, atol=1e-9)
+    assert abs(float(measured)) > 1e-7, "the policy has moved from the initial model"
+
+
+@pytest.mark.parametrize("module_kwargs", HARD_COPY_LAYOUTS.values(), ids=HARD_COPY_LAYOUTS.keys())
+@pytest.mark.parametrize("accepted", [True, False], ids=["accepted", "refused"])
+def test_a_hard_copy_event_takes_no_cpu_copy(tiny_model, tiny_data, module_kwargs, accepted):
+    module = moved_policy(module_kwargs, tiny_model)
+
+    def no_cpu_copy(policy):
+        raise AssertionError("a hard-copy event copied the reference to CPU memory")
+
+    module.reference.state = no_cpu_copy
+    batch = next(iter(training_loader(tiny_data)))
+    before = reference_weights(module)
+    callback = ReferenceModelUpdate(every_n_steps=1, max_divergence=1.0, divergence_samples=2)
+    if not accepted:
+        callback.max_divergence = -1.0  # below any divergence (|D| ~ 1e-3 here): refused
+    callback.update(event_trainer(), module, batch)
+    after = module.reference.reference_parameters(module.policy)
+    if accepted:
+        assert callback.num_updates == 1 and not callback.frozen
+        if module.uses_lora:
+            policy = lora.adapter_parameters(module.policy, lora.POLICY)
+        else:
+            policy = {k: v.to(after[k].dtype) for k, v in module.policy.state_dict().items()}
+        assert all(torch.equal(after[k], policy[k]) for k in after), "the reference is the copied policy"
+    else:
+        assert callback.num_updates == 0 and callback.frozen
+        assert all(torch.equal(before[k], after[k]) for k in before), (
+            "a refused candidate leaves it as it was"
+        )
