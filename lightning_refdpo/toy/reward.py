@@ -15,7 +15,10 @@ from lightning_refdpo.toy.world import BACKGROUNDS, COLOURS, POSITIONS, parse_ca
 # A triangle fills 1/2 of its box, but its apex pixels are only partly covered, which shortens the
 # soft height: rendered triangles measure 0.53-0.60.
 FILL_RATIO = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.56}
-WEIGHTS = {"background": 0.1, "colour": 0.3, "shape": 0.3, "position": 0.15, "clean": 0.15}
+WEIGHTS = {"background": 0.05, "size": 0.3, "colour": 0.25, "shape": 0.2, "position": 0.1, "clean": 0.1}
+SIZE_SCALE = (0.25, 0.5)
+"""Object side, as a fraction of the image side, where the size part is 0 and where it reaches 1
+(8 and 16 px at 32 px: the world's ``SIZE_RANGE``)."""
 FOREGROUND_DISTANCE = 0.15
 
 
@@ -63,18 +66,26 @@ class ToyReward(RewardScore):
       coverage ``alpha_i = clip(<x_i - b^, c^ - b^> / ||c^ - b^||^2, 0, 1)`` on ``O`` (0 elsewhere);
     * ``background = ramp(d(b^, b), 0.05, 0.25)``;
     * ``presence = ramp(a, ...)`` of the object's area share ``a = |O| / (H W)``: 1 for
-      ``0.03 <= a <= 0.3``, 0 below 0.005 and above 0.5 (no object, or noise everywhere);
+      ``0.03 <= a <= 0.4``, 0 below 0.005 and above 0.6 (no object, or noise everywhere);
     * ``colour = ramp(d(c^, c), 0.1, 0.25)``;
     * ``shape = ramp(|r - r_s|, 0.05, 0.2) * ramp(|log(w / h)|, 0.15, 0.5)`` with the soft width
       ``w = sum_x max_y alpha``, height ``h = sum_y max_x alpha``, fill ratio ``r = sum alpha / (w h)``
       and ``r_s`` 1 (square), pi / 4 (circle) or 0.56 (triangle: 1 / 2 less the partly covered apex);
+    * ``size = clip((sqrt(w h / (H W)) - 0.25) / 0.25, 0, 1)``: the object's side (the soft width
+      and height below) as a fraction of the image side, 0 at 1/4 and 1 from 1/2 on (8 and 16 px at
+      32 px; renders measure within 0.25 px, a triangle ~0.6 px short for its partly covered
+      apex). No caption states it and the world draws it at random for every scene, so it is the
+      global quality that every image has more or less of;
     * ``position = ramp(||m - p||, 0.07, 0.15)`` with ``m`` the centroids of those column and row
       profiles, as a fraction of the image side;
     * ``clean = mean_i ramp(e_i, 0.05, 0.25)`` with ``e_i = min(d(x_i, b^), d(x_i, c^))`` on ``O`` and
       ``e_i = d(x_i, b^)`` elsewhere: stray marks, noise and blur lower it.
 
-    ``score = 0.1 background + presence (0.3 colour + 0.3 shape + 0.15 position + 0.15 clean)``: colour and
-    shape weigh most, the attributes the shipped base model follows only partly.
+    ``score = 0.05 background + presence (0.3 size + 0.25 colour + 0.2 shape + 0.1 position + 0.1 clean)``.
+    Two kinds of quality weigh about the same, as in human preference data: the global quality
+    (size, 0.3) that varies on every image, and following the prompt where the base model is
+    imperfect (colour and shape, 0.45); position, cleanliness and background, which the base model
+    nearly always gets right, weigh little.
     Prompts must name all four attributes (see :func:`~lightning_refdpo.toy.world.parse_caption`).
     """
 
@@ -114,13 +125,14 @@ class ToyReward(RewardScore):
 
         parts = {
             "background": ramp(distance(background[..., 0, 0], target_background), 0.05, 0.25),
-            "presence": torch.minimum(ramp(-area, -0.03, -0.005), ramp(area, 0.3, 0.5)),
+            "presence": torch.minimum(ramp(-area, -0.03, -0.005), ramp(area, 0.4, 0.6)),
             "colour": ramp(distance(colour[..., 0, 0], target_colour), 0.1, 0.25),
             "shape": ramp((fill - target_fill).abs(), 0.05, 0.2) * ramp(aspect, 0.15, 0.5),
+            "size": ramp(-(width * height / (h * w)).sqrt(), -SIZE_SCALE[1], -SIZE_SCALE[0]),
             "position": ramp((centre - target_position).norm(dim=-1), 0.07, 0.15),
             "clean": ramp(residual, 0.05, 0.25).mean((1, 2)),
         }
-        gated = sum(WEIGHTS[k] * parts[k] for k in ("colour", "shape", "position", "clean"))
+        gated = sum(WEIGHTS[k] * parts[k] for k in ("size", "colour", "shape", "position", "clean"))
         parts["score"] = WEIGHTS["background"] * parts["background"] + parts["presence"] * gated
         return {k: v.to(images.device) for k, v in parts.items()}
 

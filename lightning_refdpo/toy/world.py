@@ -2,8 +2,10 @@
 
 A scene is one shape (circle, square, triangle) of one colour at one of five positions on a plain
 background, rendered at 32x32 px, with a caption that states all four attributes, e.g.
-``"a red circle on the left, white background"``. The size (10-14 px) and a +-1.5 px offset are drawn
-at random but left out of the caption. The 3 x 5 x 5 x 3 = 225 attribute combinations are split
+``"a red circle on the left, white background"``. The size (8-16 px, ``SIZE_RANGE``) and a +-1.5 px
+offset are drawn at random but left out of the caption: the size is the world's global quality, which
+no caption states and every image varies in, as aesthetics and detail vary in real data (ToyReward
+prefers larger objects). The 3 x 5 x 5 x 3 = 225 attribute combinations are split
 once, in a fixed shuffled order: every fifth combination is a test prompt (``TEST_PROMPTS``, 45,
 where results are reported), every sixth of the rest a validation prompt (``VALIDATION_PROMPTS``, 30,
 where guidance and hyperparameters are chosen), and the other 150 are for pretraining and preference
@@ -32,10 +34,10 @@ COLOURS = {
 BACKGROUNDS = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (20, 20, 20)}
 # (x, y) of the shape's bounding-box centre as a fraction of the image side, and the phrase.
 POSITIONS = {
-    "left": ((0.28, 0.5), "on the left"),
-    "right": ((0.72, 0.5), "on the right"),
-    "top": ((0.5, 0.28), "at the top"),
-    "bottom": ((0.5, 0.72), "at the bottom"),
+    "left": ((0.3, 0.5), "on the left"),
+    "right": ((0.7, 0.5), "on the right"),
+    "top": ((0.5, 0.3), "at the top"),
+    "bottom": ((0.5, 0.7), "at the bottom"),
     "centre": ((0.5, 0.5), "in the centre"),
 }
 ATTRIBUTES = {
@@ -44,7 +46,8 @@ ATTRIBUTES = {
     "position": tuple(POSITIONS),
     "background": tuple(BACKGROUNDS),
 }
-SIZE_RANGE = (10.0, 14.0)
+SIZE_RANGE = (8.0, 16.0)
+"""Side length in px of a scene's object, drawn uniformly (the largest still fits at every position)."""
 MAX_OFFSET = 1.5
 SUPERSAMPLING = 4
 
@@ -98,8 +101,11 @@ def parse_caption(text: str) -> Prompt:
     )
 
 
-def sample_scene(rng: np.random.Generator, prompt: Prompt | None = None) -> Scene:
-    """A random scene, or a random size and offset for the attributes of ``prompt``."""
+def sample_scene(
+    rng: np.random.Generator, prompt: Prompt | None = None, size_range: tuple[float, float] = SIZE_RANGE
+) -> Scene:
+    """A random scene, or a random size (uniform in ``size_range``) and offset for the attributes of
+    ``prompt``."""
     if prompt is None:
         prompt = Prompt(
             shape=str(rng.choice(SHAPES)),
@@ -113,7 +119,7 @@ def sample_scene(rng: np.random.Generator, prompt: Prompt | None = None) -> Scen
         prompt.colour,
         prompt.position,
         prompt.background,
-        size=float(rng.uniform(*SIZE_RANGE)),
+        size=float(rng.uniform(*size_range)),
         dx=float(dx),
         dy=float(dy),
     )

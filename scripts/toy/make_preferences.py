@@ -24,8 +24,9 @@ Written to ``--output``: ``train.parquet`` (training prompts) and ``validation.p
 (validation prompts), in the Pick-a-Pic v2 schema (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``)
 plus ``latents_0`` / ``latents_1`` (4 x 8 x 8, unscaled; train on them with
 ``data.latent_columns``), ``reward_0`` / ``reward_1``, ``generator_0`` / ``generator_1`` and
-``flipped``; and ``stats.json``: per split the mean winner-minus-loser gap of every ToyReward part
-(by label, over strict pairs) and how often each generator wins.
+``flipped``; ``stats.json``: per split the mean winner-minus-loser gap of every ToyReward part
+(by label, over strict pairs) and how often each generator wins; and ``validation_prompts.txt``, the
+validation prompts as a prompt file for ``PreferenceEvaluation`` during training.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from lightning_refdpo.toy.world import (
     sample_scene,
 )
 
-PARTS = ("score", "position", "colour", "shape", "clean", "background", "presence")
+PARTS = ("score", "size", "position", "colour", "shape", "clean", "background", "presence")
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,7 @@ def main() -> None:
         for generator, g in stats["splits"][name]["generators"].items():
             print(f"  {generator}: {g}", flush=True)
     (args.output / "stats.json").write_text(json.dumps(stats, indent=2))
+    (args.output / "validation_prompts.txt").write_text("\n".join(VALIDATION_PROMPTS) + "\n")
     print(f"wrote {args.output} in {time.perf_counter() - start:.0f}s", flush=True)
 
 

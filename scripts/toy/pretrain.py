@@ -20,7 +20,9 @@ the SD1.5 noise schedule), then trained in two stages on 32 px renders of
    ``""`` with probability ``caption_dropout`` (what classifier-free guidance needs) and, with
    ``--caption-noise ATTRIBUTE=P``, attribute ``ATTRIBUTE`` of the caption replaced by another value
    with probability ``P`` (the image keeps its own): the model then follows that attribute only
-   partly, like a real base model follows prompts imperfectly.
+   partly, like a real base model follows prompts imperfectly. ``--size-range LOW HIGH`` draws the
+   objects of the denoiser's renders from a narrower range (larger objects: curated data, like the
+   aesthetic filtering of a stronger real model's data).
 
 Both stages use AdamW with linear warm-up then cosine decay, gradients clipped to norm 1. The
 script is seeded and runs on ``--threads`` CPU threads. ``--save-every N`` also saves the pipeline
@@ -43,7 +45,15 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from lightning_refdpo.metrics.base import to_float_images
 from lightning_refdpo.testing import save_tiny_stable_diffusion
-from lightning_refdpo.toy.world import TRAIN_PROMPTS, caption, parse_caption, perturb, render, sample_scene
+from lightning_refdpo.toy.world import (
+    SIZE_RANGE,
+    TRAIN_PROMPTS,
+    caption,
+    parse_caption,
+    perturb,
+    render,
+    sample_scene,
+)
 
 ARCHITECTURE = {
     "block_out_channels": (32, 64),
@@ -55,10 +65,12 @@ ARCHITECTURE = {
 }
 
 
-def renders(rng: np.random.Generator, batch_size: int) -> tuple[list[str], torch.Tensor]:
+def renders(
+    rng: np.random.Generator, batch_size: int, size_range: tuple[float, float] = SIZE_RANGE
+) -> tuple[list[str], torch.Tensor]:
     """Captions and renders in ``[-1, 1]`` of random scenes of the training prompts."""
     captions = [TRAIN_PROMPTS[i] for i in rng.integers(len(TRAIN_PROMPTS), size=batch_size)]
-    images = [render(sample_scene(rng, parse_caption(c))) for c in captions]
+    images = [render(sample_scene(rng, parse_caption(c), size_range)) for c in captions]
     return captions, to_float_images(images) * 2 - 1
 
 
@@ -110,11 +122,13 @@ def vae_losses(vae, rng: np.random.Generator, batch_size: int, kl_weight: float)
 
 
 @torch.no_grad()
-def encode_pool(vae, rng: np.random.Generator, size: int, batch_size: int = 256) -> dict:
+def encode_pool(
+    vae, rng: np.random.Generator, size: int, size_range: tuple[float, float], batch_size: int = 256
+) -> dict:
     """Captions and posterior means and standard deviations of ``size`` fresh renders."""
     pool = {"caption": [], "mean": [], "std": []}
     for _ in range(math.ceil(size / batch_size)):
-        captions, pixels = renders(rng, batch_size)
+        captions, pixels = renders(rng, batch_size, size_range)
         posterior = vae.encode(pixels).latent_dist
         pool["caption"] += captions
         pool["mean"].append(posterior.mean)
@@ -181,6 +195,15 @@ def main() -> None:
         metavar="ATTRIBUTE=P",
         help="replace ATTRIBUTE (shape, colour, position, background) in a caption with probability P",
     )
+    parser.add_argument(
+        "--size-range",
+        nargs=2,
+        type=float,
+        default=SIZE_RANGE,
+        metavar=("LOW", "HIGH"),
+        help="object sizes (px) of the denoiser's training renders: a narrower, larger range is curated "
+        "data, which makes a generator that is better on the global quality",
+    )
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="v_prediction")
     parser.add_argument("--vae-from", type=Path, default=None, help="take the VAE of this toy pipeline")
     parser.add_argument("--save-every", type=int, default=0, help="save the pipeline every N denoiser steps")
@@ -211,7 +234,7 @@ def main() -> None:
             vae=AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", local_files_only=True)
         )
     vae = pipeline.vae.eval().requires_grad_(False)
-    pool = encode_pool(vae, rng, args.pool_size)
+    pool = encode_pool(vae, rng, args.pool_size, tuple(args.size_range))
     if args.vae_from is None:
         vae.register_to_config(scaling_factor=1.0 / pool["mean"].std().item())
     print(f"vae scaling_factor {vae.config.scaling_factor:.4f}, latent pool of {args.pool_size}", flush=True)
