@@ -160,17 +160,15 @@ def main() -> None:
 
     long = {**common, "steps": args.long_steps, "log_every_step": True}
     divergence_jobs = jobs_for("full", [method], [0], "validation", long, args)
-    divergence_jobs += jobs_for("full_no_cap", [uncapped], [0], "validation", long, args)
+    divergence_jobs += jobs_for("full", [uncapped], [0], "validation", long, args)
     implicit = {**common, "log_every_step": True, "callbacks": [IMPLICIT_REWARD], "validate_after": True}
     dpo_hparams = {"learning_rate": method["learning_rate"], "beta": method["beta"]}
     implicit_jobs = jobs_for("diffusion_dpo", [dpo_hparams], [0], "validation", implicit, args)
     sweep_configs = [{**method, "every_n_steps": t} for t in args.taus]
     sweep_jobs = jobs_for("full", sweep_configs, [0], "test", common, args)
     sweep_jobs += jobs_for(
-        "full_no_cap", [{**c, "max_divergence": None} for c in sweep_configs], [0], "test", common, args
+        "full", [{**c, "max_divergence": None} for c in sweep_configs], [0], "test", common, args
     )
-    for job in divergence_jobs + sweep_jobs:  # "full_no_cap": the full method with max_divergence None
-        job["variant"] = "full"
     records = run_all(divergence_jobs + implicit_jobs + sweep_jobs, args.jobs)
     by_job = dict(
         zip((j["record"] for j in divergence_jobs + implicit_jobs + sweep_jobs), records, strict=True)
