@@ -64,6 +64,17 @@ def evaluation_items(prompts: Sequence[str], seeds: Sequence[int]) -> list[tuple
     return [(prompt, seed) for prompt in prompts for seed in seeds]
 
 
+def item_batches(num_items: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[range]:
+    """Process ``rank``'s batches of the fixed partition of items ``0 .. num_items - 1``: batch ``k``
+    holds items ``k * batch_size .. (k + 1) * batch_size - 1`` whatever the number of processes or
+    where a run resumes, and process ``rank`` of ``world_size`` takes batches ``rank, rank +
+    world_size, ...``. An image depends on the batch it is generated in (another batch shape rounds
+    differently, on CPU as on GPU), so with the batches fixed a resumed or sharded evaluation
+    generates every item exactly as one uninterrupted process does."""
+    starts = range(0, num_items, batch_size)[rank::world_size]
+    return [range(start, min(start + batch_size, num_items)) for start in starts]
+
+
 def with_scheduler(pipeline, name: str | None):
     """``pipeline`` with its scheduler replaced by the diffusers class ``name`` (same config);
     unchanged when ``name`` is ``None``."""
