@@ -90,6 +90,27 @@ class SendSignal(Callback):
             os.kill(os.getpid(), self.signal)
 
 
+class RunsCode:
+    """An object that runs a shell command when it is unpickled (``os.system`` in ``__reduce__``), as
+    a crafted checkpoint would hold."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def crafted_checkpoint(source: str | Path, path: Path, marker: Path) -> Path:
+    """The checkpoint ``source`` saved as ``path`` with an object in its hyperparameters that, when
+    unpickled, creates the file ``marker``."""
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["note"] = RunsCode(f"touch {marker}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    return path
+
+
 class RecordRank(Callback):
     """Saves this rank's run to ``<default_root_dir>/rank<global_rank>.pt`` when training ends: each
     step's rank-local loss, timesteps and divergence-estimate seeds, the reference UNet's weights and

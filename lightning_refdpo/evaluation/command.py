@@ -42,6 +42,7 @@ def evaluate_model(
     num_bootstrap: int = 1000,
     output: str = "evaluation",
     base_model: str | None = None,
+    unsafe_unpickle: bool = False,
 ) -> dict:
     """Score ``model`` against ``baseline`` on each prompt set; write ``results.json`` and ``results.md``.
 
@@ -80,6 +81,10 @@ def evaluate_model(
         output: folder for ``results.json``, ``results.md`` and ``runs/``.
         base_model: the base model's hub id or folder for ``model``, instead of the one its
             checkpoint or export names (a folder that has moved).
+        unsafe_unpickle: unpickle checkpoints whole (``torch.load(weights_only=False)``), which RUNS
+            ANY CODE a file holds: only for files you trust. By default a checkpoint is loaded
+            weights-only and one holding other objects is refused
+            (``lightning_refdpo.checkpoint.load_checkpoint``).
     """
     from lightning.fabric import Fabric
 
@@ -93,7 +98,7 @@ def evaluate_model(
     folder = Path(output)
     named = {s.name: s.to(fabric.device) for s in (scorers or paper_scorers())}
     sides = comparison_pipelines(
-        model, baseline, fabric.device, getattr(torch, dtype), safety_checker, base_model
+        model, baseline, fabric.device, getattr(torch, dtype), safety_checker, base_model, unsafe_unpickle
     )
     with sides["model"]() as pipeline:
         config = sampler_config(
