@@ -40,7 +40,7 @@ from lightning_refdpo.callbacks.checkpointing import (
 from lightning_refdpo.callbacks.progress import sane_progress_bar
 from lightning_refdpo.checkpoint import UNSAFE_UNPICKLE_HELP
 from lightning_refdpo.data import PreferenceDataModule
-from lightning_refdpo.data.latent_cache import cache_latents
+from lightning_refdpo.data.cache_command import cache_latents
 from lightning_refdpo.evaluation import evaluate_model
 from lightning_refdpo.export import export_checkpoint
 from lightning_refdpo.guard import NonFiniteLossError, UndecodablePairsError
