@@ -55,6 +55,7 @@ DESCRIPTION = (
 JSONARGPARSE_REPORT = "Does not validate against any of the Union subtypes"
 EXIT_USAGE = 2
 EXIT_SIGTERM = 128 + signal.SIGTERM
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 # Errors that a user fixes in the config, the data or the model path: shown as one line, no traceback.
 USER_ERRORS = (
     ValueError,
@@ -174,8 +175,8 @@ def ckpt_path_as_positional(args: list[str]) -> list[str]:
 def main(args: list[str] | None = None) -> int:
     """The console script: run the command of ``args`` (default: ``sys.argv[1:]``).
 
-    Exit status 0 on success; 143 (128 + SIGTERM) when the run was terminated (its checkpoint is
-    saved first); 2 for an option or config error, a model or checkpoint that cannot be loaded
+    Exit status 0 on success; 143 (128 + SIGTERM) when the run was terminated and 130 (128 +
+    SIGINT) when it was interrupted with Ctrl-C (a ``fit`` saves its checkpoint first); 2 for an option or config error, a model or checkpoint that cannot be loaded
     (one that weights-only loading refuses, or whose module class cannot be imported) or bad data,
     reported as one line on stderr.
     """
@@ -183,6 +184,9 @@ def main(args: list[str] | None = None) -> int:
         run_cli(args)
     except SIGTERMException:
         return EXIT_SIGTERM
+    except KeyboardInterrupt:
+        print("lightning-refdpo: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except USER_ERRORS as err:
         print(f"lightning-refdpo: error: {user_message(err)}", file=sys.stderr)
         return EXIT_USAGE
@@ -368,7 +372,14 @@ class RefDPOCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         command = COMMANDS_BY_NAME[subcommand]
         if command.is_trainer_method:
-            super()._run_subcommand(subcommand)
+            try:
+                super()._run_subcommand(subcommand)
+            except SystemExit as stop:
+                # Lightning ends a run stopped by Ctrl-C with exit(1), once the on_exception hooks
+                # (our checkpoint) have run: raise it again as what it was.
+                if isinstance(stop.__context__, KeyboardInterrupt):
+                    raise KeyboardInterrupt from None
+                raise
             return
         config = self.config_init[subcommand]
         parameters = inspect.signature(command.function).parameters

@@ -108,14 +108,18 @@ def test_resume_only_when_asked_into_the_same_logger_version(tiny_model, tiny_da
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_model, tiny_data, tmp_path):
-    signal = [
+@pytest.mark.parametrize("signal, status", [("SIGTERM", 143), ("SIGINT", 130)], ids=["sigterm", "ctrl-c"])
+def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_128_plus_the_signal(
+    tiny_model, tiny_data, tmp_path, signal, status
+):
+    send = [
         "--trainer.callbacks+=tests.helpers.SendSignal",
         "--trainer.callbacks.init_args.at_step=2",
+        f"--trainer.callbacks.init_args.signal={signal}",
         "--trainer.enable_checkpointing=false",
     ]
-    result = run(*fit_args(tiny_model, tiny_data, tmp_path, "--trainer.max_steps=4", *signal))
-    assert result.returncode == 143, result.stderr[-3000:]
+    result = run(*fit_args(tiny_model, tiny_data, tmp_path, "--trainer.max_steps=4", *send))
+    assert result.returncode == status, result.stderr[-3000:]
     assert step(tmp_path / "on_exception.ckpt") == 2
 
 
