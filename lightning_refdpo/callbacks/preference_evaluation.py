@@ -20,7 +20,7 @@ from lightning_refdpo.evaluation import (
     log_image,
     score,
 )
-from lightning_refdpo.evaluation.generation import item_batches, sampler_config
+from lightning_refdpo.evaluation.generation import sampler_config
 from lightning_refdpo.metrics import RewardScore
 from lightning_refdpo.prompts import load_prompts
 from lightning_refdpo.reference import ReferenceStrategy
@@ -51,9 +51,9 @@ class PreferenceEvaluation(Callback):
     sides go through ``build_pipeline`` (same components and scheduler) in the policy's dtype (a
     bf16 ``frozen_dtype`` initial UNet is cast for the duration) under the trainer's precision.
 
-    Under DDP the fixed batches of items (``evaluation.generation.item_batches``) are split across
-    ranks, so each image is the one a single process generates, and the scores are gathered, so
-    every rank logs the same.
+    Under DDP the items are split across ranks (round robin, so that every rank gets work) and the
+    scores gathered, so every rank logs the same; the figures then match one process's to float
+    rounding (``lightning-refdpo evaluate`` shards fixed batches and matches it byte for byte).
 
     Args:
         prompts: a prompt-set name or file (see ``lightning_refdpo.prompts``) or a list of prompts.
@@ -138,10 +138,7 @@ class PreferenceEvaluation(Callback):
     def evaluate(self, trainer: Trainer, pl_module: PipelineSource) -> dict[str, float]:
         """Generate, score and log one evaluation; returns the scalar figures."""
         self.last_step = trainer.global_step
-        batches = item_batches(
-            len(self.items), self.config.batch_size, trainer.global_rank, trainer.world_size
-        )
-        shard = [self.items[i] for batch in batches for i in batch]
+        shard = self.items[trainer.global_rank :: trainer.world_size]
         prompts = [prompt for prompt, _ in shard]
         was_training = pl_module.training
         pl_module.eval()
