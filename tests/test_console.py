@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,18 @@ CONFIG = str(REPO / "configs" / "tiny.yaml")
 
 
 def run(*args: str, cwd: Path = REPO, timeout: int = 120) -> subprocess.CompletedProcess:
+    """``lightning-refdpo ARGS`` as from a terminal: Ctrl-C (SIGINT) reaches it even when these
+    tests were started where SIGINT is ignored (a background job inherits SIG_IGN, and Python then
+    never raises KeyboardInterrupt)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [str(SCRIPT), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
@@ -108,14 +118,14 @@ def test_resume_only_when_asked_into_the_same_logger_version(tiny_model, tiny_da
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
 
 
-@pytest.mark.parametrize("signal, status", [("SIGTERM", 143), ("SIGINT", 130)], ids=["sigterm", "ctrl-c"])
+@pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGINT", 130)], ids=["sigterm", "ctrl-c"])
 def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_128_plus_the_signal(
-    tiny_model, tiny_data, tmp_path, signal, status
+    tiny_model, tiny_data, tmp_path, name, status
 ):
     send = [
         "--trainer.callbacks+=tests.helpers.SendSignal",
         "--trainer.callbacks.init_args.at_step=2",
-        f"--trainer.callbacks.init_args.signal={signal}",
+        f"--trainer.callbacks.init_args.signal={name}",
         "--trainer.enable_checkpointing=false",
     ]
     result = run(*fit_args(tiny_model, tiny_data, tmp_path, "--trainer.max_steps=4", *send))
