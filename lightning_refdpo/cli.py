@@ -45,7 +45,7 @@ from lightning_refdpo.data.cache_command import cache_latents
 from lightning_refdpo.evaluation import evaluate_model
 from lightning_refdpo.export import export_checkpoint
 from lightning_refdpo.guard import NonFiniteLossError, UndecodablePairsError
-from lightning_refdpo.hub import ModelLoadError
+from lightning_refdpo.hub import MissingExtraError, ModelLoadError
 from lightning_refdpo.module import DiffusionDPOModule
 from lightning_refdpo.sources import check_model_source, check_writable_folder, open_checkpoint
 
@@ -67,6 +67,7 @@ USER_ERRORS = (
     ValueError,
     KeyError,
     ModelLoadError,
+    MissingExtraError,
     FileNotFoundError,
     PermissionError,
     NonFiniteLossError,
