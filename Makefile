@@ -21,10 +21,10 @@ $(VENV)/.installed: pyproject.toml
 		echo "make install: torchvision is installed beside the CPU torch (it does not import there and breaks CLIPImageProcessor): $(PYTHON) -m pip uninstall torchvision"; exit 1; fi
 	touch $@
 
-# One thread per process: several tests launch training subprocesses and DDP ranks, which would
-# otherwise oversubscribe a small CI machine (the suite then takes three times as long).
+# One worker process per core (pytest-xdist), one thread each: several tests launch training
+# subprocesses and DDP ranks, which would otherwise oversubscribe a small CI machine.
 test: install
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n auto
 
 tiny-assets: install
 	test -f .tiny/model/model_index.json || $(PYTHON) -m lightning_refdpo.testing .tiny
