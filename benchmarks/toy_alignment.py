@@ -480,7 +480,9 @@ def table(results: dict) -> str:
             f"{k.replace('learning_rate', 'lr').replace('every_n_steps', 'tau').replace('max_divergence', 'delta')} {x:g}"
             for k, x in v["hparams"].items()
         )
-        versus = v["win_rate_vs_dpo"]
+        versus, gain_vs_dpo = (
+            (None, None) if name == "diffusion_dpo" else (v["win_rate_vs_dpo"], v["gain_vs_dpo"])
+        )
         versus_text = (
             "-"
             if versus is None
@@ -493,7 +495,7 @@ def table(results: dict) -> str:
         lines.append(
             f"| {name} | {hp} | {v['reward_mean']:.4f} +- {v['reward_std']:.4f} | "
             f"{percent(v['win_rate_vs_base'])} [{100 * low:.1f}, {100 * high:.1f}] | "
-            f"{interval(v['gain_vs_base'], 1, 4)} | {versus_text} | {interval(v['gain_vs_dpo'], 1, 4)} | "
+            f"{interval(v['gain_vs_base'], 1, 4)} | {versus_text} | {interval(gain_vs_dpo, 1, 4)} | "
             f"{v['divergence_from_init']:.5f} | {ref_text} |"
         )
     gaps = setup["winner_minus_loser"]
@@ -505,7 +507,7 @@ def table(results: dict) -> str:
         "alignment tax (in bold where it is a loss).",
         "",
         "| variant | " + " | ".join(attributes) + " |",
-        "| --- | " + "---: | " * len(attributes),
+        "| --- |" + " ---: |" * len(attributes),
         "| base | " + " | ".join(f"{base['attributes'][a]['mean']:.3f}" for a in attributes) + " |",
     ]
     for name, v in results["variants"].items():
