@@ -15,12 +15,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PYTHON) -m pip install -q "$(TORCH_CPU)"; fi
 	$(PYTHON) -m pip install -q -e ".[dev]"
+	@# The registry's torchvision is built against the CUDA torch: beside the CPU one it does not import
+	@# and breaks transformers' CLIPImageProcessor and open_clip, so a CPU install must not hold it.
+	if ! command -v nvidia-smi >/dev/null 2>&1 && $(PYTHON) -m pip show torchvision >/dev/null 2>&1; then \
+		echo "make install: torchvision is installed beside the CPU torch (it does not import there and breaks CLIPImageProcessor): $(PYTHON) -m pip uninstall torchvision"; exit 1; fi
 	touch $@
 
-# One thread per process: several tests launch training subprocesses and DDP ranks, which would
-# otherwise oversubscribe a small CI machine (the suite then takes three times as long).
+# One worker process per core (pytest-xdist), one thread each: several tests launch training
+# subprocesses and DDP ranks, which would otherwise oversubscribe a small CI machine.
 test: install
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n auto
 
 tiny-assets: install
 	test -f .tiny/model/model_index.json || $(PYTHON) -m lightning_refdpo.testing .tiny

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from results_file import machine, write_results
 
 GB = 1e9
 SD_VAE = {
@@ -388,15 +388,9 @@ def main(
         if measure_step
         else "not measured (needs --measure-step)"
     )
-    results["machine"] = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (counts only)",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+    results["machine"] = machine(device)
     print_table(results)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written to {output}")
+    write_results(results, output)
     return results
 
 

@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -70,6 +69,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer
+from results_file import machine, write_results
 
 from lightning_refdpo import DiffusionDPOModule, DiscountedTimestepSampler, PreferenceDataModule
 from lightning_refdpo.data.latent_cache import load_latent_split, write_latent_cache
@@ -534,17 +534,10 @@ def main(preset_name: str, output: Path) -> dict:
                 dtype: unet_parameters * (4 if dtype == "fp32" else 2) for dtype in ("fp32", "bf16")
             },
         },
-        "machine": {
-            "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
-            "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": machine(DEVICE.type),
     }
     print_table(results)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written to {output}")
+    write_results(results, output)
     return results
 
 

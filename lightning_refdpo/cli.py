@@ -4,7 +4,7 @@
     lightning-refdpo fit --config configs/tiny.yaml --trainer.max_steps 4
     lightning-refdpo cache --config configs/sdxl/dpo.yaml --output cache/pickapic_sdxl
     lightning-refdpo evaluate outputs/.../last.ckpt --prompt_sets '[pickapic_v2_test, partiprompts, hpdv2]'
-    lightning-refdpo export --ckpt_path outputs/.../last.ckpt --output exports/refdpo [--pipeline true]
+    lightning-refdpo export outputs/.../last.ckpt --output exports/refdpo [--pipeline true]
 
 Every subcommand is one :class:`Command` of :data:`COMMANDS`: its help, its options (the parameters
 of its function) and what runs. Model and data are given by ``class_path`` so a subclass from
@@ -37,17 +37,17 @@ from lightning_refdpo.callbacks.checkpointing import (
     ExceptionCheckpoint,
     FinalStepCheckpoint,
     latest_checkpoint,
-    logger_version,
 )
 from lightning_refdpo.callbacks.progress import sane_progress_bar
+from lightning_refdpo.checkpoint import UNSAFE_UNPICKLE_HELP
 from lightning_refdpo.data import PreferenceDataModule
-from lightning_refdpo.data.latent_cache import cache_latents
+from lightning_refdpo.data.cache_command import cache_latents
 from lightning_refdpo.evaluation import evaluate_model
 from lightning_refdpo.export import export_checkpoint
 from lightning_refdpo.guard import NonFiniteLossError, UndecodablePairsError
-from lightning_refdpo.hub import ModelLoadError
+from lightning_refdpo.hub import MissingExtraError, ModelLoadError
 from lightning_refdpo.module import DiffusionDPOModule
-from lightning_refdpo.sources import check_model_source, check_writable_folder
+from lightning_refdpo.sources import check_model_source, check_writable_folder, open_checkpoint
 
 DESCRIPTION = (
     "Diffusion-DPO with reference-model updates and timestep-aware optimization (arXiv 2505.18736): "
@@ -61,11 +61,13 @@ JSONARGPARSE_REPORTS = (
 )
 EXIT_USAGE = 2
 EXIT_SIGTERM = 128 + signal.SIGTERM
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 # Errors that a user fixes in the config, the data or the model path: shown as one line, no traceback.
 USER_ERRORS = (
     ValueError,
     KeyError,
     ModelLoadError,
+    MissingExtraError,
     FileNotFoundError,
     PermissionError,
     NonFiniteLossError,
@@ -84,7 +86,8 @@ class Command:
     passed the ``trainer``, ``model`` and ``datamodule`` built from them. ``fit`` and ``validate``
     are ``Trainer`` methods, run by ``LightningCLI``; any other function is called with the parsed
     options, after ``check`` (which may refuse them or return them adjusted), and what it returns
-    is the CLI's ``result``. ``positional`` makes the required parameters positional arguments.
+    is the CLI's ``result``. ``positional`` makes the required parameters positional arguments
+    (keyword-only ones stay ``--options``).
     """
 
     name: str
@@ -101,20 +104,24 @@ class Command:
     @property
     def skip(self) -> set[str]:
         """The parameters of ``function`` that are not options: those ``LightningCLI`` skips for a
-        ``Trainer`` method, the ``trainer``, ``model`` and ``datamodule`` that a tool is passed."""
+        ``Trainer`` method and its ``weights_only`` (``--unsafe_unpickle`` instead), the ``trainer``,
+        ``model`` and ``datamodule`` that a tool is passed."""
         if self.is_trainer_method:
-            return LightningCLI.subcommands()[self.name]
+            return LightningCLI.subcommands()[self.name] | {"weights_only"}
         parameters = inspect.signature(self.function).parameters
         return BUILT_FROM_CONFIG & set(parameters) if self.needs_model_and_data else set()
 
 
 def check_evaluation(options: dict[str, Any]) -> dict[str, Any]:
     """Refuse an ``--output`` that cannot be written and a model or ``--baseline`` that cannot be
-    one, before any model is loaded; local model paths made absolute."""
+    one (a checkpoint that weights-only loading refuses, or whose module class cannot be imported,
+    included), before any model is loaded; local model paths made absolute."""
     check_writable_folder(options["output"], "--output")
     for option, name in (("model", "model"), ("baseline", "--baseline")):
         if options[option] is not None:
             options[option] = check_model_source(options[option], name)
+            if options[option].endswith(".ckpt"):
+                open_checkpoint(options[option], options["unsafe_unpickle"])
     return options
 
 
@@ -150,22 +157,43 @@ COMMANDS = (
         "Export the policy of a training checkpoint for diffusers, with a model card.",
         export_checkpoint,
         needs_model_and_data=False,
+        positional=True,
     ),
 )
 COMMANDS_BY_NAME = {command.name: command for command in COMMANDS}
+# Commands whose model is their positional argument and that also take it as ``--ckpt_path``
+# (export's spelling before it became positional).
+CKPT_PATH_ALIAS = ("export", "evaluate")
+
+
+def ckpt_path_as_positional(args: list[str]) -> list[str]:
+    """``export --ckpt_path CKPT ...`` (or ``--ckpt_path=CKPT``) as ``export CKPT ...``, and the
+    same for ``evaluate``: both take the model as their positional argument."""
+    if args[:1] not in ([name] for name in CKPT_PATH_ALIAS):
+        return list(args)
+    for i, arg in enumerate(args):
+        if arg == "--ckpt_path" and i + 1 < len(args):
+            return [args[0], args[i + 1], *args[1:i], *args[i + 2 :]]
+        if arg.startswith("--ckpt_path="):
+            return [args[0], arg.partition("=")[2], *args[1:i], *args[i + 1 :]]
+    return list(args)
 
 
 def main(args: list[str] | None = None) -> int:
     """The console script: run the command of ``args`` (default: ``sys.argv[1:]``).
 
-    Exit status 0 on success; 143 (128 + SIGTERM) when the run was terminated (its checkpoint is
-    saved first); 2 for an option or config error, a model that cannot be loaded or bad data,
+    Exit status 0 on success; 143 (128 + SIGTERM) when the run was terminated and 130 (128 +
+    SIGINT) when it was interrupted with Ctrl-C (a ``fit`` saves its checkpoint first); 2 for an option or config error, a model or checkpoint that cannot be loaded
+    (one that weights-only loading refuses, or whose module class cannot be imported) or bad data,
     reported as one line on stderr.
     """
     try:
         run_cli(args)
     except SIGTERMException:
         return EXIT_SIGTERM
+    except KeyboardInterrupt:
+        print("lightning-refdpo: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except USER_ERRORS as err:
         print(f"lightning-refdpo: error: {user_message(err)}", file=sys.stderr)
         return EXIT_USAGE
@@ -327,7 +355,9 @@ class RefDPOCLI(LightningCLI):
         """The parser of ``command``'s options."""
         kwargs.setdefault("description", command.help)
         if command.is_trainer_method:
-            return self._prepare_subcommand_parser(Trainer, command.name, **kwargs)
+            parser = self._prepare_subcommand_parser(Trainer, command.name, **kwargs)
+            parser.add_argument("--unsafe_unpickle", type=bool, default=False, help=UNSAFE_UNPICKLE_HELP)
+            return parser
         parser = self.init_parser(**kwargs)
         if command.needs_model_and_data:
             self._add_arguments(parser)
@@ -341,9 +371,30 @@ class RefDPOCLI(LightningCLI):
         name = self.config.get("subcommand")
         return name is None or COMMANDS_BY_NAME[name].needs_model_and_data
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """``LightningCLI``'s parsing, with the ``--ckpt_path`` alias of :func:`ckpt_path_as_positional`."""
+        if args is None:
+            self.config = parser.parse_args(ckpt_path_as_positional(sys.argv[1:]))
+        else:
+            super().parse_arguments(parser, ckpt_path_as_positional(args) if isinstance(args, list) else args)
+
     def _parse_ckpt_path(self) -> None:
-        if self.needs_model_and_data():
-            super()._parse_ckpt_path()
+        """As ``LightningCLI``: the hyperparameters of a ``--ckpt_path`` file become the config's
+        model; but the file is opened by :func:`~lightning_refdpo.sources.open_checkpoint`, so one that
+        weights-only loading refuses (unless ``--unsafe_unpickle``) or whose module class cannot be
+        imported stops the command in one line. ``--ckpt_path last`` is resolved in :meth:`fit`."""
+        if not self.config.get("subcommand") or not self.needs_model_and_data():
+            return
+        options = self.config[self.config.subcommand]
+        path = options.get("ckpt_path")
+        if not path or not Path(path).is_file():
+            return
+        hparams = dict(open_checkpoint(path, options.unsafe_unpickle).get("hyper_parameters", {}))
+        hparams.pop("_instantiator", None)
+        if hparams:
+            if "_class_path" in hparams:
+                hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
 
     def _set_seed(self) -> None:
         if self.needs_model_and_data():
@@ -363,7 +414,14 @@ class RefDPOCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         command = COMMANDS_BY_NAME[subcommand]
         if command.is_trainer_method:
-            super()._run_subcommand(subcommand)
+            try:
+                super()._run_subcommand(subcommand)
+            except SystemExit as stop:
+                # Lightning ends a run stopped by Ctrl-C with exit(1), once the on_exception hooks
+                # (our checkpoint) have run: raise it again as what it was.
+                if isinstance(stop.__context__, KeyboardInterrupt):
+                    raise KeyboardInterrupt from None
+                raise
             return
         config = self.config_init[subcommand]
         parameters = inspect.signature(command.function).parameters
@@ -373,26 +431,43 @@ class RefDPOCLI(LightningCLI):
             options = command.check(options)
         self.result = command.function(**options)
 
-    def fit(self, model: DiffusionDPOModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
-        """``Trainer.fit`` with the checkpoints of a command-line run and ``--ckpt_path last``."""
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """The ``Trainer`` method's arguments, with ``weights_only`` unless ``--unsafe_unpickle``."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        return {**kwargs, "weights_only": not self.config_init[subcommand].unsafe_unpickle}
+
+    def fit(
+        self,
+        model: DiffusionDPOModule,
+        ckpt_path: str | None = None,
+        weights_only: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """``Trainer.fit`` with the checkpoints of a command-line run and ``--ckpt_path last``; the
+        checkpoint is loaded weights-only unless ``--unsafe_unpickle``."""
         trainer = self.trainer
         trainer.callbacks += [ExceptionCheckpoint(trainer.default_root_dir), FinalStepCheckpoint()]
         if ckpt_path == "last":
-            ckpt_path = latest_checkpoint(trainer.default_root_dir)
+            ckpt_path = latest_checkpoint(trainer.default_root_dir, unsafe_unpickle=not weights_only)
             rank_zero_info(
                 f"resuming from {ckpt_path}" if ckpt_path else "no checkpoint to resume: a new run"
             )
-        if ckpt_path is not None:
-            keep_logger_version(trainer, ckpt_path)
-        trainer.fit(model, ckpt_path=None if ckpt_path is None else str(ckpt_path), **kwargs)
+        if ckpt_path is not None and Path(ckpt_path).is_file():
+            keep_logger_version(trainer, open_checkpoint(ckpt_path, unsafe_unpickle=not weights_only))
+        trainer.fit(
+            model,
+            ckpt_path=None if ckpt_path is None else str(ckpt_path),
+            weights_only=weights_only,
+            **kwargs,
+        )
 
 
-def keep_logger_version(trainer: Any, ckpt_path: str | Path) -> None:
-    """Point the run's ``TensorBoardLogger`` at the version the checkpoint was written in, so a
-    resumed run continues its curves instead of starting ``version_<n+1>``. TensorBoard appends a
-    new event file there; other loggers are left alone (``CSVLogger`` would delete the metrics it
-    finds in an existing version)."""
-    version = logger_version(ckpt_path)
+def keep_logger_version(trainer: Any, checkpoint: dict[str, Any]) -> None:
+    """Point the run's ``TensorBoardLogger`` at the version the checkpoint was written in
+    (``DiffusionDPOModule.on_save_checkpoint`` stores it), so a resumed run continues its curves
+    instead of starting ``version_<n+1>``. TensorBoard appends a new event file there; other loggers
+    are left alone (``CSVLogger`` would delete the metrics it finds in an existing version)."""
+    version = checkpoint.get("logger_version")
     if version is not None and isinstance(trainer.logger, TensorBoardLogger):
         trainer.logger._version = version
 

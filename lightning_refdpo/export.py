@@ -1,6 +1,6 @@
 """Export a training checkpoint to a folder that diffusers loads with its own API, and load it back.
 
-    lightning-refdpo export --ckpt_path outputs/.../last.ckpt --output exports/refdpo [--pipeline true]
+    lightning-refdpo export outputs/.../last.ckpt --output exports/refdpo [--pipeline true]
 
 What goes into the export folder (only the trained ``policy``; never the reference):
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lightning_refdpo.checkpoint import load_checkpoint
 from lightning_refdpo.evaluation.report import results_table
 from lightning_refdpo.model_card import model_card
 from lightning_refdpo.sources import (
@@ -29,7 +30,6 @@ from lightning_refdpo.sources import (
     check_writable_folder,
     load_module,
     pipeline_from_export,
-    read_checkpoint,
 )
 
 # ``pipeline_from_export`` is read from here by the model cards that version 0.1 wrote.
@@ -38,10 +38,12 @@ __all__ = ["export_checkpoint", "pipeline_from_export"]
 
 def export_checkpoint(
     ckpt_path: str,
+    *,
     output: str,
     pipeline: bool = False,
     evaluation: str | None = None,
     base_model: str | None = None,
+    unsafe_unpickle: bool = False,
 ) -> Path:
     """Export the policy of a training checkpoint for diffusers, with a model card.
 
@@ -56,14 +58,18 @@ def export_checkpoint(
             export of it) whose figures go into the model card; results of another model are refused.
         base_model: the base model's hub id or folder, instead of the one the checkpoint names (a
             folder that has moved).
+        unsafe_unpickle: unpickle the checkpoint whole (``torch.load(weights_only=False)``), which
+            RUNS ANY CODE the file holds: only for a file you trust. By default it is loaded
+            weights-only and refused if it holds other objects
+            (``lightning_refdpo.checkpoint.load_checkpoint``).
     """
     results = json.loads(Path(evaluation).read_text()) if evaluation else None
     if results is not None:
         check_evaluation_of(results, ckpt_path, evaluation)
     check_writable_folder(output, "--output")
-    checkpoint = read_checkpoint(ckpt_path)
+    checkpoint = load_checkpoint(ckpt_path, unsafe_unpickle)
     overrides = {"pretrained_model_name_or_path": base_model} if base_model else {}
-    module = load_module(ckpt_path, **overrides)
+    module = load_module(ckpt_path, unsafe_unpickle, **overrides)
     hp = {**module.hparams, **checkpoint["hyper_parameters"], **overrides}  # as trained, not as reloaded
     output_dir = Path(output)
     weights = module.reference.save_policy(module.policy, module.backbone, output_dir)

@@ -10,6 +10,10 @@ class ModelLoadError(OSError):
     """A model id or folder that could not be loaded (offline, misspelt, or missing a subfolder)."""
 
 
+class MissingExtraError(ImportError):
+    """An optional dependency that is not installed; the message names the extra that brings it."""
+
+
 def load_component(cls: Any, name_or_path: str, subfolder: str | None = None, **kwargs: Any) -> Any:
     """``cls.from_pretrained(name_or_path, subfolder=subfolder, **kwargs)``, as users call it.
 

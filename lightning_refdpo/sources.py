@@ -11,8 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from lightning_refdpo.checkpoint import CheckpointError, load_checkpoint
 from lightning_refdpo.hub import ModelLoadError
 from lightning_refdpo.module import DiffusionDPOModule
 
@@ -20,29 +19,52 @@ EXPORT_INFO = "export.json"
 DEFAULT_MODULE_CLASS = "lightning_refdpo.module.DiffusionDPOModule"
 
 
-def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    """The checkpoint's contents, memory-mapped (cheap even for full fine-tuning checkpoints).
-    A Lightning checkpoint holds Python objects: load only checkpoints you trust."""
-    return torch.load(str(ckpt_path), map_location="cpu", mmap=True, weights_only=False)
+def open_checkpoint(ckpt_path: str | Path, unsafe_unpickle: bool = False) -> dict[str, Any]:
+    """The contents of a training checkpoint, loaded weights-only
+    (:func:`~lightning_refdpo.checkpoint.load_checkpoint`), after checking that the module class it
+    was written by can be imported (:func:`checkpoint_module_class`)."""
+    checkpoint = load_checkpoint(ckpt_path, unsafe_unpickle)
+    checkpoint_module_class(checkpoint, ckpt_path)
+    return checkpoint
 
 
-def load_module(ckpt_path: str | Path, **overrides: Any) -> DiffusionDPOModule:
-    """The LightningModule of a training checkpoint, of the class that wrote it (SD1.5 or SDXL),
-    in eval mode on CPU; ``torch.compile``, gradient checkpointing and xformers off unless
-    ``overrides`` say otherwise (``overrides`` replace saved hyperparameters)."""
+def checkpoint_module_class(checkpoint: dict[str, Any], ckpt_path: str | Path) -> type[DiffusionDPOModule]:
+    """The LightningModule class that wrote ``checkpoint``, imported: its ``module_class`` and the
+    ``_class_path`` that ``LightningCLI`` stores in the hyperparameters (what Lightning instantiates).
+    A class that cannot be imported, e.g. of a project not installed here, is refused with a
+    :class:`~lightning_refdpo.checkpoint.CheckpointError` naming it and the fix."""
     # Checkpoints written before SDXL support do not name their class: they are all SD1.5 modules.
-    name = read_checkpoint(ckpt_path).get("module_class", DEFAULT_MODULE_CLASS)
-    module_path, _, class_name = name.rpartition(".")
-    cls = getattr(importlib.import_module(module_path), class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, DiffusionDPOModule)):
-        raise TypeError(f"checkpoint {str(ckpt_path)!r} names {name!r}, not a DiffusionDPOModule subclass")
+    name = checkpoint.get("module_class", DEFAULT_MODULE_CLASS)
+    class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    classes = {}
+    for path in dict.fromkeys(p for p in (name, class_path) if p):
+        module_path, _, class_name = path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_path), class_name)
+        except (ImportError, AttributeError) as err:
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} was written by the module class {path}, which cannot be imported "
+                f"here ({err}): install the package that provides it, or put its folder on PYTHONPATH"
+            ) from None
+        if not (isinstance(cls, type) and issubclass(cls, DiffusionDPOModule)):
+            raise CheckpointError(f"checkpoint {ckpt_path} names {path}, not a DiffusionDPOModule subclass")
+        classes[path] = cls
+    return classes[name]
+
+
+def load_module(ckpt_path: str | Path, unsafe_unpickle: bool = False, **overrides: Any) -> DiffusionDPOModule:
+    """The LightningModule of a training checkpoint, of the class that wrote it (SD1.5, SDXL, SD3
+    or a subclass), in eval mode on CPU; ``torch.compile``, gradient checkpointing and xformers off
+    unless ``overrides`` say otherwise (``overrides`` replace saved hyperparameters). The file is
+    loaded weights-only unless ``unsafe_unpickle`` (see :func:`~lightning_refdpo.checkpoint.load_checkpoint`)."""
+    cls = checkpoint_module_class(load_checkpoint(ckpt_path, unsafe_unpickle), ckpt_path)
     overrides = {"compile_unet": False, "gradient_checkpointing": False, "attention": "sdpa", **overrides}
     with warnings.catch_warnings():
         # The frozen parts are reloaded from the model id by design (``on_load_checkpoint`` checks the rest).
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in")
         try:
             module = cls.load_from_checkpoint(
-                str(ckpt_path), map_location="cpu", weights_only=False, **overrides
+                str(ckpt_path), map_location="cpu", weights_only=not unsafe_unpickle, **overrides
             )
         except ModelLoadError as err:
             raise ModelLoadError(
@@ -88,12 +110,15 @@ def check_model_source(source: str, option: str) -> str:
 
 
 def pipeline_from_export(
-    source: str | Path, base_model: str | None = None, **from_pretrained_kwargs: Any
+    source: str | Path,
+    base_model: str | None = None,
+    unsafe_unpickle: bool = False,
+    **from_pretrained_kwargs: Any,
 ) -> Any:
     """A ready diffusers pipeline (the base model's scheduler) from any of:
 
     - a Lightning checkpoint (``.ckpt``): the policy of :func:`load_module` (``torch_dtype``, if
-      given, casts it);
+      given, casts it), loaded weights-only unless ``unsafe_unpickle``;
     - an export folder holding a whole pipeline: ``DiffusionPipeline.from_pretrained``;
     - an export folder with LoRA or UNet weights only: the base pipeline of ``export.json`` with the
       LoRA loaded (``load_lora_weights``) or the denoiser (UNet, transformer) replaced;
@@ -110,7 +135,8 @@ def pipeline_from_export(
     path = Path(source)
     dtype = from_pretrained_kwargs.get("torch_dtype")
     if path.suffix == ".ckpt":
-        module = load_module(path, **({"pretrained_model_name_or_path": base_model} if base_model else {}))
+        overrides = {"pretrained_model_name_or_path": base_model} if base_model else {}
+        module = load_module(path, unsafe_unpickle, **overrides)
         pipeline = module.build_pipeline()
         pipeline.scheduler = module.backbone.base_scheduler()
         return pipeline.to(dtype) if dtype is not None else pipeline

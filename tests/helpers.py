@@ -18,6 +18,19 @@ from lightning_refdpo.data.preference import PairTransform, PreferenceCollator
 from lightning_refdpo.metrics import RewardScore
 
 
+def not_installed(name: str) -> str:
+    """Why ``name`` (``open_clip``, ``torchvision``) is not installed here: the skip reason of the
+    tests that need it. Beside a CPU torch it cannot be (see README, Install)."""
+    if torch.version.cuda is None:
+        return (
+            f"{name} is not installed: torchvision is kept out of the CPU install. The registry's "
+            "torchvision 0.28.0 installs beside torch 2.13.0+cpu without another torch, but does not "
+            "import (RuntimeError: operator torchvision::nms does not exist: it is built against the "
+            "CUDA torch), and with it neither open_clip nor transformers' CLIPImageProcessor imports"
+        )
+    return f"{name} is not installed: pip install 'lightning-refdpo[hpsv2]' beside the CUDA torch"
+
+
 def make_module(model_path: str, module_class: type = DiffusionDPOModule, **kwargs) -> DiffusionDPOModule:
     kwargs = {"learning_rate": 1e-3, "scale_lr": False, **kwargs}
     return module_class(pretrained_model_name_or_path=model_path, **kwargs)
@@ -91,6 +104,27 @@ class SendSignal(Callback):
     def on_train_batch_end(self, trainer: Trainer, *args) -> None:
         if trainer.global_step == self.at_step:
             os.kill(os.getpid(), self.signal)
+
+
+class RunsCode:
+    """An object that runs a shell command when it is unpickled (``os.system`` in ``__reduce__``), as
+    a crafted checkpoint would hold."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def crafted_checkpoint(source: str | Path, path: Path, marker: Path) -> Path:
+    """The checkpoint ``source`` saved as ``path`` with an object in its hyperparameters that, when
+    unpickled, creates the file ``marker``."""
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["note"] = RunsCode(f"touch {marker}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    return path
 
 
 class RecordRank(Callback):

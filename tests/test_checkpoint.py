@@ -1,5 +1,7 @@
-"""Checkpoints written before the backbone / reference-strategy layout (version 0.1: ``unet.*``,
-``reference_unet.*``) load and resume under today's names (``policy.*``, ``reference.model.*``)."""
+"""Checkpoints are opened weights-only: a crafted one is refused and nothing in it runs. Checkpoints
+written before the backbone / reference-strategy layout (version 0.1: ``unet.*``,
+``reference_unet.*``) load, weights-only, and resume under today's names (``policy.*``,
+``reference.model.*``)."""
 
 from pathlib import Path
 
@@ -8,9 +10,11 @@ import torch
 from lightning.pytorch import Callback, Trainer
 
 from lightning_refdpo import PreferenceDataModule, ReferenceModelUpdate
-from lightning_refdpo.checkpoint import current_key
+from lightning_refdpo.callbacks.checkpointing import latest_checkpoint
+from lightning_refdpo.checkpoint import CheckpointError, current_key, load_checkpoint
+from lightning_refdpo.sources import load_module
 from lightning_refdpo.testing import save_random_preference_set, save_tiny_stable_diffusion
-from tests.helpers import make_module
+from tests.helpers import crafted_checkpoint, make_module
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 
@@ -21,13 +25,28 @@ def test_legacy_keys_are_renamed_once():
     assert current_key("policy.conv_in.weight") == "policy.conv_in.weight"
 
 
+def test_a_checkpoint_holding_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "ran"
+    crafted = crafted_checkpoint(LEGACY / "full.ckpt", tmp_path / "run" / "crafted.ckpt", marker)
+    with pytest.raises(CheckpointError, match=r"crafted.ckpt holds posix.system.*--unsafe_unpickle true"):
+        load_checkpoint(crafted)
+    with pytest.raises(CheckpointError, match="crafted.ckpt holds posix.system"):
+        latest_checkpoint(tmp_path)  # what --ckpt_path last resumes: it stops at the file
+    assert not marker.exists()
+    assert load_checkpoint(crafted, unsafe_unpickle=True)["hyper_parameters"]["note"] == 0
+    assert marker.exists(), "the opt-in unpickles the whole file, running what it holds"
+
+
 @pytest.mark.parametrize("name, lora_rank", [("full", None), ("lora", 2)])
 def test_a_checkpoint_of_version_0_1_resumes(name, lora_rank, tmp_path):
     # The model and data of tests/fixtures/legacy/make_legacy_checkpoints.py, rebuilt from the same seeds.
     model = save_tiny_stable_diffusion(tmp_path / "model", block_out_channels=(8, 16), cross_attention_dim=16)
     data = save_random_preference_set(tmp_path / "train.parquet", num_pairs=8, seed=0)
-    legacy = torch.load(LEGACY / f"{name}.ckpt", map_location="cpu", weights_only=False)
+    legacy = load_checkpoint(LEGACY / f"{name}.ckpt")
     assert any(k.startswith("unet.") for k in legacy["state_dict"]), "the fixture is in the old layout"
+    exported = load_module(LEGACY / f"{name}.ckpt", pretrained_model_name_or_path=str(model)).state_dict()
+    for key, value in legacy["state_dict"].items():
+        torch.testing.assert_close(exported[current_key(key)], value, rtol=0, atol=0)
 
     module = make_module(str(model), lora_rank=lora_rank)
     callback = ReferenceModelUpdate(every_n_steps=1)
@@ -57,7 +76,7 @@ def test_a_checkpoint_of_version_0_1_resumes(name, lora_rank, tmp_path):
         num_workers=0,
         train_batch_size=2,
     )
-    trainer.fit(module, datamodule, ckpt_path=str(LEGACY / f"{name}.ckpt"))
+    trainer.fit(module, datamodule, ckpt_path=str(LEGACY / f"{name}.ckpt"), weights_only=True)
 
     assert (
         resumed["step"] == 2

@@ -3,12 +3,15 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import crafted_checkpoint
 
 REPO = Path(__file__).parents[1]
 SCRIPT = Path(sys.executable).parent / "lightning-refdpo"
@@ -18,7 +21,9 @@ CONFIG = str(REPO / "configs" / "tiny.yaml")
 def run(
     *args: str, cwd: Path = REPO, timeout: int = 120, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """``lightning-refdpo *args`` offline, on one thread, with ``env`` added to the environment."""
+    """``lightning-refdpo ARGS`` offline, on one thread, with ``env`` added to the environment, as
+    from a terminal: Ctrl-C (SIGINT) reaches it even when these tests were started where SIGINT is
+    ignored (a background job inherits SIG_IGN, and Python then never raises KeyboardInterrupt)."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -27,7 +32,13 @@ def run(
         **(env or {}),
     }
     return subprocess.run(
-        [str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [str(SCRIPT), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
@@ -44,7 +55,7 @@ def fit_args(model: str, data: dict, root: Path, *extra: str) -> list[str]:
 
 
 def step(path: Path) -> int:
-    return torch.load(path, weights_only=False, map_location="cpu")["global_step"]
+    return torch.load(path, weights_only=True, map_location="cpu")["global_step"]
 
 
 def checkpoints(root: Path) -> dict[str, int]:
@@ -80,6 +91,8 @@ def test_help_lists_every_subcommand():
     cache = run("cache", "--help")
     assert cache.returncode == 0 and "lightning-refdpo [options] cache" in cache.stdout
     assert "--output" in cache.stdout and "--trainer.max_steps" in cache.stdout
+    usage = run("export", "--help").stdout.split("\n\n")[0].split()
+    assert usage[-1] == "ckpt_path" and "[--unsafe_unpickle" in usage, "the checkpoint is positional"
 
 
 def test_fit_exits_0_with_last_and_final_checkpoints_and_absolute_model_path(trained, tiny_model):
@@ -113,14 +126,18 @@ def test_resume_only_when_asked_into_the_same_logger_version(tiny_model, tiny_da
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_model, tiny_data, tmp_path):
-    signal = [
+@pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGINT", 130)], ids=["sigterm", "ctrl-c"])
+def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_128_plus_the_signal(
+    tiny_model, tiny_data, tmp_path, name, status
+):
+    send = [
         "--trainer.callbacks+=tests.helpers.SendSignal",
         "--trainer.callbacks.init_args.at_step=2",
+        f"--trainer.callbacks.init_args.signal={name}",
         "--trainer.enable_checkpointing=false",
     ]
-    result = run(*fit_args(tiny_model, tiny_data, tmp_path, "--trainer.max_steps=4", *signal))
-    assert result.returncode == 143, result.stderr[-3000:]
+    result = run(*fit_args(tiny_model, tiny_data, tmp_path, "--trainer.max_steps=4", *send))
+    assert result.returncode == status, result.stderr[-3000:]
     assert step(tmp_path / "on_exception.ckpt") == 2
 
 
@@ -161,6 +178,8 @@ def test_evaluate_refuses_before_any_work(trained, tmp_path):
     assert_one_line_error(result, "--output", "not a writable folder")
     for model in (str(tmp_path / "missing.ckpt"), str(tmp_path)):
         assert_one_line_error(run("evaluate", model, f"--output={tmp_path / 'eval'}"), model)
+    alias = run("evaluate", f"--ckpt_path={tmp_path / 'missing.ckpt'}", f"--output={tmp_path / 'eval'}")
+    assert_one_line_error(alias, f"model {tmp_path / 'missing.ckpt'}: no such file")
     assert not (tmp_path / "eval" / "results.json").exists()
 
 
@@ -168,20 +187,16 @@ def test_export_from_elsewhere_with_a_moved_base_model(trained, tiny_model, tmp_
     ckpt = str(trained / "lightning_logs/version_0/checkpoints/last.ckpt")
     other = {"model": str(tmp_path / "other.ckpt"), "baseline": "x", "prompt_sets": {}}
     (tmp_path / "results.json").write_text(json.dumps(other))
-    result = run(
-        "export",
-        f"--ckpt_path={ckpt}",
-        f"--output={tmp_path / 'e'}",
-        f"--evaluation={tmp_path / 'results.json'}",
-    )
+    result = run("export", ckpt, f"--output={tmp_path / 'e'}", f"--evaluation={tmp_path / 'results.json'}")
     assert_one_line_error(result, "holds the results of", "evaluate this checkpoint first")
 
     moved = tmp_path / "moved_model"
     shutil.copytree(tiny_model, moved)
     original = Path(tiny_model).rename(Path(tiny_model).with_name("away"))
     try:
-        gone = run("export", f"--ckpt_path={ckpt}", f"--output={tmp_path / 'e'}", cwd=tmp_path)
+        gone = run("export", ckpt, f"--output={tmp_path / 'e'}", cwd=tmp_path)
         assert_one_line_error(gone, "--base_model")
+        # --ckpt_path: the spelling before the checkpoint became positional, kept as an alias
         export = run("export", f"--ckpt_path={ckpt}", "--output=e", f"--base_model={moved}", cwd=tmp_path)
     finally:
         original.rename(tiny_model)
@@ -190,3 +205,32 @@ def test_export_from_elsewhere_with_a_moved_base_model(trained, tiny_model, tmp_
     info = json.loads((tmp_path / "e" / "export.json").read_text())
     assert info["base_model"] == str(moved) and info["checkpoint"] == ckpt
     assert f"base_model: {moved}" in (tmp_path / "e" / "README.md").read_text()
+
+
+def test_a_crafted_checkpoint_is_refused_and_nothing_runs(trained, tiny_model, tiny_data, tmp_path):
+    """A checkpoint of ``fit`` with one pickled object added to its hyperparameters (``os.system`` in
+    its ``__reduce__``), in a run folder beside the run's own checkpoints: refused by ``export`` and
+    by ``fit --ckpt_path last`` (``evaluate`` and ``validate``: ``tests/test_cli.py``)."""
+    run_dir, marker = tmp_path / "run", tmp_path / "ran"
+    shutil.copytree(trained / "lightning_logs", run_dir / "lightning_logs")
+    last = run_dir / "lightning_logs/version_0/checkpoints/last.ckpt"
+    crafted = str(crafted_checkpoint(last, run_dir / "crafted.ckpt", marker))
+    files = sorted(run_dir.rglob("*"))
+    for args in (
+        ["export", crafted, f"--output={tmp_path / 'export'}"],
+        [*fit_args(tiny_model, tiny_data, run_dir, "--trainer.max_steps=4"), "--ckpt_path=last"],
+    ):
+        assert_one_line_error(run(*args), f"{crafted} holds posix.system", "--unsafe_unpickle true")
+        assert not marker.exists(), f"{args[0]} ran the checkpoint's code"
+    assert sorted(run_dir.rglob("*")) == files and not (tmp_path / "export" / "export.json").exists()
+
+
+def test_a_checkpoint_of_a_module_class_not_installed_here_names_it_and_the_fix(trained, tmp_path):
+    """A checkpoint of ``--model.class_path my_project.MyModule`` (the class named where ``fit``
+    writes it: ``module_class`` and LightningCLI's ``_class_path``) exported where ``my_project`` is
+    not importable (``evaluate``, ``fit --ckpt_path`` and the fix: ``tests/test_cli.py``)."""
+    checkpoint = torch.load(trained / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    checkpoint["module_class"] = checkpoint["hyper_parameters"]["_class_path"] = "my_project.MyModule"
+    torch.save(checkpoint, tmp_path / "mine.ckpt")
+    result = run("export", str(tmp_path / "mine.ckpt"), f"--output={tmp_path / 'export'}")
+    assert_one_line_error(result, "my_project.MyModule", "install the package", "PYTHONPATH")

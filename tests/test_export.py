@@ -39,8 +39,8 @@ def test_sdxl_lora_export_loads_with_load_lora_weights_and_reproduces_the_module
     module = make_module(tiny_sdxl, StableDiffusionXLDPOModule, lora_rank=2, lora_alpha=4, learning_rate=0.05)
     ckpt = train_and_checkpoint(module, tiny_data, tmp_path)
     export, whole = tmp_path / "export", tmp_path / "whole"
-    run_cli(["export", f"--ckpt_path={ckpt}", f"--output={export}"])
-    run_cli(["export", f"--ckpt_path={ckpt}", f"--output={whole}", "--pipeline=true"])
+    run_cli(["export", ckpt, f"--output={export}"])
+    run_cli(["export", ckpt, f"--output={whole}", "--pipeline=true"])
     ours = images(module.eval().build_pipeline())
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
@@ -81,9 +81,7 @@ def test_full_unet_export_replaces_the_pipeline_unet(tiny_model, tiny_data, tmp_
     }
     (tmp_path / "results.json").write_text(json.dumps(results))
     export = tmp_path / "export"
-    run_cli(
-        ["export", f"--ckpt_path={ckpt}", f"--output={export}", f"--evaluation={tmp_path / 'results.json'}"]
-    )
+    run_cli(["export", ckpt, f"--output={export}", f"--evaluation={tmp_path / 'results.json'}"])
     assert not (export / "model_index.json").exists(), "no whole pipeline unless asked"
     ours = images(module.eval().build_pipeline())
 

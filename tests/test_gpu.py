@@ -26,39 +26,46 @@ SETTINGS = {
 }
 
 
+def train_on_the_gpu(path, module_class, setting, tiny_data, steps, **module_options):
+    """``steps`` training steps of a tiny module in ``setting``, a reference update after each;
+    checks that they all ran and that the loss is finite."""
+    options = SETTINGS[setting]
+    module = make_module(
+        path,
+        module_class,
+        lora_rank=options["lora_rank"],
+        frozen_dtype=options["frozen_dtype"],
+        reward_scale=True,
+        **module_options,
+    )
+    callback = ReferenceModelUpdate(every_n_steps=1)
+    trainer = fit_tiny(
+        module,
+        tiny_data,
+        max_steps=steps,
+        accelerator="gpu",
+        devices=1,
+        precision=options["precision"],
+        callbacks=[callback],
+    )
+    assert trainer.global_step == steps and callback.num_updates == steps
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    return module, callback
+
+
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTINGS.keys())
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_steps_reference_updates_and_generation_on_the_gpu(
     family, setting, tiny_model, tiny_sdxl, tiny_sd3, tiny_data
 ):
     path = {"sd15": tiny_model, "sdxl": tiny_sdxl, "sd3": tiny_sd3}[family]
-    options = SETTINGS[setting]
-    module = make_module(
-        path,
-        FAMILIES[family],
-        lora_rank=options["lora_rank"],
-        frozen_dtype=options["frozen_dtype"],
-        reward_scale=True,
-    )
-    callback = ReferenceModelUpdate(every_n_steps=1)
-    trainer = fit_tiny(
-        module,
-        tiny_data,
-        max_steps=3,
-        accelerator="gpu",
-        devices=1,
-        precision=options["precision"],
-        callbacks=[callback],
-    )
-    assert trainer.global_step == 3 and callback.num_updates == 3
-    assert torch.isfinite(trainer.callback_metrics["train/loss"]) and torch.isfinite(
-        torch.tensor(callback.last_divergence)
-    )
+    module, callback = train_on_the_gpu(path, FAMILIES[family], setting, tiny_data, steps=3)
+    assert torch.isfinite(torch.tensor(callback.last_divergence))
     module = module.cuda().eval()
     config = GenerationConfig(
         num_inference_steps=2, guidance_scale=4.0, resolution=32, scheduler=None, batch_size=2
     )
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=options["precision"] == "bf16-mixed"):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=SETTINGS[setting]["precision"] == "bf16-mixed"):
         images = generate(module.build_pipeline(), [("a red square", 0), ("a blue circle", 1)], config)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
 
@@ -77,27 +84,9 @@ OBJECTIVES = {
 def test_every_objective_trains_bf16_on_the_gpu(objective, setting, tiny_sdxl, tiny_data):
     """The objectives beside Diffusion-DPO under autocast (bf16 predictions, float32 residuals and
     errors) with bf16 frozen copies, on SDXL."""
-    options = SETTINGS[setting]
-    module = make_module(
-        tiny_sdxl,
-        StableDiffusionXLDPOModule,
-        lora_rank=options["lora_rank"],
-        frozen_dtype=options["frozen_dtype"],
-        reward_scale=True,
-        **OBJECTIVES[objective],
+    train_on_the_gpu(
+        tiny_sdxl, StableDiffusionXLDPOModule, setting, tiny_data, steps=2, **OBJECTIVES[objective]
     )
-    callback = ReferenceModelUpdate(every_n_steps=1)
-    trainer = fit_tiny(
-        module,
-        tiny_data,
-        max_steps=2,
-        accelerator="gpu",
-        devices=1,
-        precision="bf16-mixed",
-        callbacks=[callback],
-    )
-    assert trainer.global_step == 2 and callback.num_updates == 2
-    assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
 def fsdp():

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_refdpo.cli import run_cli
 from tests.test_cli import tiny_args
@@ -29,8 +30,9 @@ def interrupted_fit(tiny_model, tiny_data, root: Path, interrupt: str) -> dict:
         "--trainer.callbacks.init_args.at_step=4",
         f"--trainer.callbacks.init_args.signal={interrupt}",
     ]
+    stopped = {"SIGTERM": SIGTERMException, "SIGINT": KeyboardInterrupt}[interrupt]
     try:
-        with pytest.raises(SystemExit):
+        with pytest.raises(stopped):
             fit(tiny_model, tiny_data, root, *send)
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C on shutdown

@@ -23,8 +23,8 @@ def test_step_cost_benchmark_writes_results(tmp_path):
     results = json.loads(output.read_text())
     times = results["step_seconds_median"]
     assert set(times) == {"bare", "module", "module_uncached", "public_style"}
-    assert all(t > 0 for t in times.values())
-    assert all(n >= 2 for n in results["steps_counted"].values())
+    assert all(t > 0 for t in times.values()), times
+    assert all(n >= 2 for n in results["steps_counted"].values()), results["step_seconds"]
     assert results["ratio_module_vs_bare"] == times["module"] / times["bare"]
     assert results["ratio_uncached_vs_bare"] == times["module_uncached"] / times["bare"]
     assert results["speedup_vs_public_style"] == times["public_style"] / times["module"]

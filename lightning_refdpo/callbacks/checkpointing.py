@@ -9,28 +9,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_refdpo.checkpoint import CheckpointError, load_checkpoint
+
 EXCEPTION_CHECKPOINT = "on_exception.ckpt"
 
 
-def checkpoint_step(path: str | Path) -> int:
+def checkpoint_step(path: str | Path, unsafe_unpickle: bool = False) -> int:
     """The ``global_step`` saved in checkpoint ``path`` (memory-mapped, so cheap); -1 if it is absent
-    or unreadable."""
+    or unreadable. A checkpoint that weights-only loading refuses raises
+    :class:`~lightning_refdpo.checkpoint.CheckpointError` (see :func:`~lightning_refdpo.checkpoint.load_checkpoint`)."""
     try:
-        return int(torch.load(str(path), map_location="cpu", mmap=True, weights_only=False)["global_step"])
+        return int(load_checkpoint(path, unsafe_unpickle)["global_step"])
+    except CheckpointError:
+        raise
     except (OSError, RuntimeError, KeyError, EOFError, ValueError):
         return -1
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
+def latest_checkpoint(root: str | Path, unsafe_unpickle: bool = False) -> Path | None:
     """The checkpoint under ``root`` (recursively) with the highest ``global_step``, the newest file on
-    a tie: what ``--ckpt_path last`` resumes. ``None`` when there is none."""
+    a tie: what ``--ckpt_path last`` resumes. ``None`` when there is none. Unreadable files (cut
+    short) are passed over; a file that weights-only loading refuses stops the search
+    (:class:`~lightning_refdpo.checkpoint.CheckpointError`): its step cannot be read without
+    unpickling it."""
     candidates = [p for p in Path(root).rglob("*.ckpt") if p.is_file()]
-    ranked = [(checkpoint_step(p), p.stat().st_mtime, p) for p in candidates]
+    ranked = [(checkpoint_step(p, unsafe_unpickle), p.stat().st_mtime, p) for p in candidates]
     ranked = [r for r in ranked if r[0] >= 0]
     return max(ranked, key=lambda r: r[:2])[2] if ranked else None
 
@@ -58,7 +65,10 @@ class ExceptionCheckpoint(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if self.start_step is None or trainer.global_step <= self.start_step:
             return
-        saved = checkpoint_step(self.ckpt_path)
+        try:
+            saved = checkpoint_step(self.ckpt_path)
+        except CheckpointError:  # not a checkpoint this package wrote: the run's state goes first
+            saved = -1
         if saved > trainer.global_step:
             rank_zero_warn(
                 f"not saving step {trainer.global_step} over {self.ckpt_path}, which holds step {saved}"
@@ -94,13 +104,3 @@ class FinalStepCheckpoint(Callback):
     @staticmethod
     def model_checkpoints(trainer: Trainer) -> list[ModelCheckpoint]:
         return [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
-
-
-def logger_version(checkpoint_path: str | Path) -> Any:
-    """The logger version a checkpoint was written under (``DiffusionDPOModule.on_save_checkpoint``
-    stores it), or ``None``."""
-    try:
-        checkpoint = torch.load(str(checkpoint_path), map_location="cpu", mmap=True, weights_only=False)
-    except (OSError, RuntimeError, EOFError):
-        return None
-    return checkpoint.get("logger_version")

@@ -51,7 +51,9 @@ class PreferenceEvaluation(Callback):
     sides go through ``build_pipeline`` (same components and scheduler) in the policy's dtype (a
     bf16 ``frozen_dtype`` initial UNet is cast for the duration) under the trainer's precision.
 
-    Under DDP the items are split across ranks and the scores gathered, so every rank logs the same.
+    Under DDP the items are split across ranks (round robin, so that every rank gets work) and the
+    scores gathered, so every rank logs the same; the figures then match one process's to float
+    rounding (``lightning-refdpo evaluate`` shards fixed batches and matches it byte for byte).
 
     Args:
         prompts: a prompt-set name or file (see ``lightning_refdpo.prompts``) or a list of prompts.

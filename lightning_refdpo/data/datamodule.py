@@ -151,7 +151,7 @@ class PreferenceDataModule(LightningDataModule):
         """The preference pairs of ``split``: schema checked, ties dropped, and with ``limit`` the
         first ``limit`` pairs of a shuffle with :attr:`seed`."""
         dataset = self.load_split(split)
-        check_schema(dataset, split, self.latent_columns or ())
+        check_schema(dataset, split, self.latent_columns or (), self.split_source(split))
         check_labels(dataset, split)
         dataset = drop_ties(dataset, split)
         if limit is not None:
@@ -187,27 +187,37 @@ class PreferenceDataModule(LightningDataModule):
             rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1,
             shuffle_buffer_size=self.hparams.shuffle_buffer_size,
+            source=self.split_source(split),
         )
 
+    def split_source(self, split: str) -> str:
+        """Where ``split`` is read from: its files in ``data_files``, else the dataset's name."""
+        hp = self.hparams
+        return str((hp.data_files or {}).get(split, hp.dataset_name))
+
     def load_split(self, split: str, streaming: bool = False) -> Any:
-        """``load_dataset`` of ``split``; an empty or unreadable file (zero bytes, not parquet) is
-        refused naming the split and its files."""
+        """``load_dataset`` of ``split``, from its own files only when ``data_files`` names them
+        (``datasets`` builds every split of ``data_files`` with the first one's columns, so a split
+        that lacks a column would fail as unreadable instead of being named by ``check_schema``);
+        an empty or unreadable file (zero bytes, not parquet) is refused naming the split and its files."""
         hp = self.hparams
         options = {"streaming": True} if streaming else {"cache_dir": hp.cache_dir}
+        data_files = hp.data_files
+        if isinstance(data_files, dict) and split in data_files:
+            data_files = {split: data_files[split]}
         try:
             return datasets.load_dataset(
                 hp.dataset_name,
                 hp.dataset_config_name,
-                data_files=hp.data_files,
+                data_files=data_files,
                 split=split,
                 revision=hp.revision,
                 **options,
             )
         except (ValueError, DatasetGenerationError) as err:
-            source = (hp.data_files or {}).get(split, hp.dataset_name)
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(
-                f"preference split {split!r} ({source}) is empty or unreadable: {reason}"
+                f"preference split {split!r} ({self.split_source(split)}) is empty or unreadable: {reason}"
             ) from None
 
     def setup(self, stage: str) -> None:

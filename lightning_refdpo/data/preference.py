@@ -25,14 +25,17 @@ REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 TIE = 0.5
 
 
-def check_schema(dataset: Any, split: str, latent_columns: Sequence[str] = ()) -> None:
+def check_schema(
+    dataset: Any, split: str, latent_columns: Sequence[str] = (), source: str | None = None
+) -> None:
     """Refuse a split that lacks a Pick-a-Pic v2 column, or one of the ``latent_columns`` asked for,
-    naming it and what was found."""
+    naming the split, its ``source`` (files or dataset name), the column and what was found."""
     columns = dataset.column_names
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    where = f"preference split {split!r}" + (f" ({source})" if source else "")
     if any(c not in columns for c in latent_columns):
         raise ValueError(
-            f"preference split {split!r} lacks column(s) {', '.join(c for c in latent_columns if c not in columns)} "
+            f"{where} lacks column(s) {', '.join(c for c in latent_columns if c not in columns)} "
             f"named by data.latent_columns; found {', '.join(columns)}. Drop data.latent_columns to encode the images."
         )
     if missing:
@@ -42,7 +45,7 @@ def check_schema(dataset: Any, split: str, latent_columns: Sequence[str] = ()) -
             else ""
         )
         raise ValueError(
-            f"preference split {split!r} lacks column(s) {', '.join(missing)}; found {', '.join(columns)}{unpaired}. "
+            f"{where} lacks column(s) {', '.join(missing)}; found {', '.join(columns)}{unpaired}. "
             "Rename them to the Pick-a-Pic v2 schema (caption, jpg_0, jpg_1, label_0), e.g. with "
             "dataset.rename_column."
         )

@@ -34,9 +34,10 @@ class StreamingPreferencePairs(torch.utils.data.IterableDataset):
         world_size: int = 1,
         shuffle_buffer_size: int = 1000,
         limit: int | None = None,
+        source: str | None = None,
     ) -> None:
         if dataset.features is not None:
-            check_schema(dataset, split, pairs.latent_columns or ())
+            check_schema(dataset, split, pairs.latent_columns or (), source)
         dataset = dataset.filter(lambda label: label != TIE, input_columns="label_0")
         if limit is not None:
             dataset = dataset.take(limit)

@@ -42,14 +42,18 @@ def evaluate_model(
     num_bootstrap: int = 1000,
     output: str = "evaluation",
     base_model: str | None = None,
+    unsafe_unpickle: bool = False,
 ) -> dict:
     """Score ``model`` against ``baseline`` on each prompt set; write ``results.json`` and ``results.md``.
 
     Images are generated, scored and dropped a batch at a time; each side's scores go to an index
     under ``output/runs/`` as they come (with ``save_images`` the PNGs too), and a run started again
-    with the same ``output`` and settings skips what is done. With ``devices > 1`` the items are
-    split over that many processes (Lightning Fabric, DDP) and the scores gathered; the results do
-    not depend on the number of processes.
+    with the same ``output`` and settings skips what is done. With ``devices > 1`` the batches are
+    split over that many processes (Lightning Fabric, DDP) and the scores gathered. Items are
+    generated in fixed batches of ``batch_size`` (see
+    :func:`~lightning_refdpo.evaluation.generation.item_batches`), so a resumed run and any number of
+    processes give the images and results of one uninterrupted process (on the same hardware and
+    thread count).
 
     Args:
         model: a training checkpoint (``.ckpt``), an export folder or a diffusers pipeline folder / hub id.
@@ -66,7 +70,8 @@ def evaluate_model(
         scheduler: a diffusers scheduler class name, or ``default`` for the pipeline's own;
             default: the paper's, ``DDIMScheduler`` for SD1.5, the pipeline's own for SDXL.
         resolution: image side in pixels (default: the model's).
-        batch_size: images generated and scored at a time, per process.
+        batch_size: images generated and scored at a time: batch ``k`` is items ``k * batch_size ..
+            (k + 1) * batch_size - 1``, whatever the number of processes.
         dtype: ``float32``, ``bfloat16`` or ``float16``, for every component of both sides.
         safety_checker: SD1.5's safety checker on both sides (default off on both).
         save_images: also write every image as a PNG beside the index.
@@ -76,6 +81,10 @@ def evaluate_model(
         output: folder for ``results.json``, ``results.md`` and ``runs/``.
         base_model: the base model's hub id or folder for ``model``, instead of the one its
             checkpoint or export names (a folder that has moved).
+        unsafe_unpickle: unpickle checkpoints whole (``torch.load(weights_only=False)``), which RUNS
+            ANY CODE a file holds: only for files you trust. By default a checkpoint is loaded
+            weights-only and one holding other objects is refused
+            (``lightning_refdpo.checkpoint.load_checkpoint``).
     """
     from lightning.fabric import Fabric
 
@@ -89,7 +98,7 @@ def evaluate_model(
     folder = Path(output)
     named = {s.name: s.to(fabric.device) for s in (scorers or paper_scorers())}
     sides = comparison_pipelines(
-        model, baseline, fabric.device, getattr(torch, dtype), safety_checker, base_model
+        model, baseline, fabric.device, getattr(torch, dtype), safety_checker, base_model, unsafe_unpickle
     )
     with sides["model"]() as pipeline:
         config = sampler_config(

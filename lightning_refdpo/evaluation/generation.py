@@ -64,6 +64,17 @@ def evaluation_items(prompts: Sequence[str], seeds: Sequence[int]) -> list[tuple
     return [(prompt, seed) for prompt in prompts for seed in seeds]
 
 
+def item_batches(num_items: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[range]:
+    """Process ``rank``'s batches of the fixed partition of items ``0 .. num_items - 1``: batch ``k``
+    holds items ``k * batch_size .. (k + 1) * batch_size - 1`` whatever the number of processes or
+    where a run resumes, and process ``rank`` of ``world_size`` takes batches ``rank, rank +
+    world_size, ...``. An image depends on the batch it is generated in (another batch shape rounds
+    differently, on CPU as on GPU), so with the batches fixed a resumed or sharded evaluation
+    generates every item exactly as one uninterrupted process does."""
+    starts = range(0, num_items, batch_size)[rank::world_size]
+    return [range(start, min(start + batch_size, num_items)) for start in starts]
+
+
 def with_scheduler(pipeline, name: str | None):
     """``pipeline`` with its scheduler replaced by the diffusers class ``name`` (same config);
     unchanged when ``name`` is ``None``."""
@@ -99,16 +110,19 @@ def generate(
     return torch.cat(images)
 
 
-def load_pipeline(model: str, device: str, base_model: str | None = None) -> tuple[object, object | None]:
+def load_pipeline(
+    model: str, device: str, base_model: str | None = None, unsafe_unpickle: bool = False
+) -> tuple[object, object | None]:
     """A pipeline for ``model``: a Lightning checkpoint (the policy with the base model's own
     scheduler; the module comes back as the second value, for its initial model), an export folder
     of ``lightning-refdpo export`` or a diffusers pipeline folder / hub id (second value ``None``).
-    ``base_model`` replaces the base model that a checkpoint or export names."""
+    ``base_model`` replaces the base model that a checkpoint or export names; a checkpoint is
+    loaded weights-only unless ``unsafe_unpickle`` (``lightning_refdpo.checkpoint.load_checkpoint``)."""
     from lightning_refdpo.sources import load_module, pipeline_from_export
 
     if model.endswith(".ckpt"):
-        module = load_module(model, **({"pretrained_model_name_or_path": base_model} if base_model else {}))
-        module = module.to(device)
+        overrides = {"pretrained_model_name_or_path": base_model} if base_model else {}
+        module = load_module(model, unsafe_unpickle, **overrides).to(device)
         pipeline = module.build_pipeline()
         pipeline.scheduler = module.backbone.base_scheduler()
         return pipeline, module
@@ -179,6 +193,7 @@ def comparison_pipelines(
     dtype: torch.dtype,
     safety_checker: bool = False,
     base_model: str | None = None,
+    unsafe_unpickle: bool = False,
 ) -> dict[str, Callable[[], AbstractContextManager[Any]]]:
     """``{"model": side, "baseline": side}``: ``with side() as pipeline`` gives a pipeline of the
     comparison, both built alike (see the module docstring), in ``dtype`` on ``device``.
@@ -186,9 +201,10 @@ def comparison_pipelines(
     ``baseline`` is a pipeline folder / hub id, an export folder or a checkpoint, of which only the
     UNet is used; ``None`` takes the initial model of the checkpoint ``model``. Use one side at a
     time: with LoRA the baseline is the policy's UNet with its adapters off. ``base_model``
-    replaces the base model that the checkpoint or export ``model`` names (see :func:`load_pipeline`).
+    replaces the base model that the checkpoint or export ``model`` names; checkpoints are loaded
+    weights-only unless ``unsafe_unpickle`` (see :func:`load_pipeline`).
     """
-    pipeline, module = load_pipeline(model, str(device), base_model)
+    pipeline, module = load_pipeline(model, str(device), base_model, unsafe_unpickle)
     if baseline is None and module is None:
         raise ValueError("evaluate needs --baseline when --model is not a training checkpoint")
     set_safety_checker(pipeline, module, safety_checker)
@@ -203,7 +219,7 @@ def comparison_pipelines(
     @contextmanager
     def baseline_side() -> Iterator[Any]:
         if baseline is not None:
-            other = load_pipeline(baseline, str(device))[0]
+            other = load_pipeline(baseline, str(device), unsafe_unpickle=unsafe_unpickle)[0]
             yield same_components(pipeline, getattr(other, denoiser_name(other)).to(dtype))
             return
         with module.reference.initial(module.policy) as denoiser:

@@ -1,10 +1,13 @@
 """Evaluation at scale: generate a batch, score it with every scorer, keep the scores, drop the pixels.
 
-Each side of a comparison writes an index beside its images, one JSON line per item (its position,
-prompt, seed, every score and, with ``save_images``, the PNG's name), flushed after every batch. A
-run started again over the same folder skips the items already in the index, so an interrupted
-evaluation resumes where it stopped. Under DDP rank ``r`` of ``w`` takes the items ``r, r + w, ...``
-and writes ``index-rank<r>.jsonl``; every index file of the folder counts as done.
+Items are generated in fixed batches (:func:`~lightning_refdpo.evaluation.generation.item_batches`:
+batch ``k`` holds items ``k * B .. k * B + B - 1``). Each side of a comparison writes an index beside
+its images, one JSON line per item (its position, prompt, seed, every score and, with
+``save_images``, the PNG's name), flushed after every batch. A run started again over the same
+folder skips the batches whose items are all in the index and generates every other batch whole, so
+an interrupted evaluation resumes where it stopped and gives the images and scores of an
+uninterrupted one. Under DDP rank ``r`` of ``w`` takes the batches ``r, r + w, ...`` and writes
+``index-rank<r>.jsonl``; every index file of the folder counts as done.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lightning_refdpo.evaluation.generation import GenerationConfig, generate
+from lightning_refdpo.evaluation.generation import GenerationConfig, generate, item_batches
 from lightning_refdpo.evaluation.scoring import score_batch
 from lightning_refdpo.metrics import RewardScore, to_pil_images
 
@@ -53,20 +56,22 @@ def stream_scores(
     save_images: bool = False,
     description: str = "",
 ) -> dict[int, dict]:
-    """This rank's records (see :func:`read_index`), generating and scoring only the items not done.
+    """This rank's records (see :func:`read_index`), generating and scoring only the batches with an
+    item not done.
 
     At most ``config.batch_size`` images are held at a time; a progress bar runs on rank 0.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    mine = range(rank, len(items), world_size)
     done = read_index(folder, items, list(scorers))
-    records = {i: done[i] for i in mine if i in done}
-    todo = [i for i in mine if i not in done]
-    batches = range(0, len(todo), config.batch_size)
+    records, todo = {}, []
+    for batch in item_batches(len(items), config.batch_size, rank, world_size):
+        if all(i in done for i in batch):
+            records.update({i: done[i] for i in batch})
+        else:
+            todo.append(batch)
     with open(folder / f"index-rank{rank}.jsonl", "a") as index:
-        for start in tqdm(batches, desc=description, unit="batch", disable=rank != 0 or not todo):
-            batch = todo[start : start + config.batch_size]
+        for batch in tqdm(todo, desc=description, unit="batch", disable=rank != 0 or not todo):
             chosen = [items[i] for i in batch]
             images = generate(pipeline, chosen, config)
             scores = score_batch(scorers, images, [prompt for prompt, _ in chosen])

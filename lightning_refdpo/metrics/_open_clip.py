@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from lightning_refdpo.hub import MissingExtraError
 from lightning_refdpo.metrics.base import to_pil_images
 
 
@@ -15,7 +16,7 @@ def import_open_clip(scorer: str) -> Any:
     try:
         import open_clip
     except ImportError as err:
-        raise ImportError(
+        raise MissingExtraError(
             f"{scorer} needs open_clip; install the extra: pip install 'lightning-refdpo[hpsv2]' "
             "(package open_clip_torch)"
         ) from err

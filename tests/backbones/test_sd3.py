@@ -117,7 +117,7 @@ def test_export_loads_with_diffusers_and_gives_the_modules_images(
     ckpt = tmp_path / "policy.ckpt"
     trainer.save_checkpoint(ckpt)
     expected = images(module.eval().build_pipeline())
-    output = export_checkpoint(str(ckpt), str(tmp_path / "export"))
+    output = export_checkpoint(str(ckpt), output=str(tmp_path / "export"))
 
     if module.uses_lora:
         pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
@@ -129,7 +129,7 @@ def test_export_loads_with_diffusers_and_gives_the_modules_images(
     assert images(StableDiffusion3Pipeline.from_pretrained(tiny_sd3)).tolist() != expected.tolist()
     assert "StableDiffusion3Pipeline" in (output / "README.md").read_text()
 
-    whole = export_checkpoint(str(ckpt), str(tmp_path / "whole"), pipeline=True)
+    whole = export_checkpoint(str(ckpt), output=str(tmp_path / "whole"), pipeline=True)
     pipeline = DiffusionPipeline.from_pretrained(str(whole))
     assert type(pipeline) is StableDiffusion3Pipeline and not any(
         "lora" in k for k in pipeline.transformer.state_dict()

@@ -169,6 +169,24 @@ def test_missing_column_is_named(tmp_path):
         datamodule(path).setup("fit")
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["loaded", "streamed"])
+def test_a_split_missing_a_column_names_the_split_its_file_and_the_column(tmp_path, streaming):
+    """The training file lacks label_0, the validation file has it (datasets built both splits with
+    the first one's columns and failed as "unreadable")."""
+    red = solid("red")
+    train = write(tmp_path, {"caption": ["a"], "jpg_0": [red], "jpg_1": [red]})
+    validation = write(
+        tmp_path, {"caption": ["a"], "jpg_0": [red], "jpg_1": [red], "label_0": [1.0]}, "validation.parquet"
+    )
+    files = {"train": train, "validation": validation}
+    data = PreferenceDataModule(
+        dataset_name="parquet", data_files=files, resolution=32, num_workers=0, streaming=streaming
+    )
+    expected = f"split 'train' \\({train}\\) lacks column\\(s\\) label_0; found caption, jpg_0, jpg_1"
+    with pytest.raises(ValueError, match=expected):
+        data.setup("fit")
+
+
 def test_wrong_label_type_is_named(tmp_path):
     path = write(
         tmp_path, {"caption": ["a"], "jpg_0": [solid("red")], "jpg_1": [solid("red")], "label_0": ["yes"]}

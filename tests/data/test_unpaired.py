@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_refdpo.data import PreferenceCollator
-from lightning_refdpo.data.latent_cache import cache_latents
+from lightning_refdpo.data.cache_command import cache_latents
 from tests.data.test_datamodule import datamodule, solid, write
 
 

@@ -1,14 +1,17 @@
 """``lightning-refdpo evaluate`` on a trained checkpoint: results.json and the Markdown table."""
 
 import json
+import sys
 
-from lightning_refdpo.cli import run_cli
+import lightning_refdpo.metrics
+from lightning_refdpo.cli import main, run_cli
 from lightning_refdpo.evaluation import results_table
+from tests.helpers import Brightness
 
 PROMPTS = ["a red cat", "a blue dog"]
 
 
-def test_evaluate_command_writes_json_and_table(tiny_model, tiny_data, tmp_path):
+def test_evaluate_command_writes_json_and_table(tiny_model, tiny_data, tmp_path, monkeypatch, capsys):
     cli = run_cli(
         [
             "fit",
@@ -49,3 +52,14 @@ def test_evaluate_command_writes_json_and_table(tiny_model, tiny_data, tmp_path)
     assert written == json.loads(json.dumps(results))
     table = (tmp_path / "eval" / "results.md").read_text()
     assert table == results_table(written) and "| win rate vs baseline |" in table
+
+    # The paper's scorers by default: without open_clip, HPSv2 stops the command with one line.
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # `import open_clip` raises ImportError
+    monkeypatch.setattr(lightning_refdpo.metrics, "PickScore", Brightness)  # no hub download before HPSv2
+    capsys.readouterr()
+    assert main(["evaluate", ckpt, "--device=cpu", f"--output={tmp_path / 'paper'}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.splitlines() == [
+        "lightning-refdpo: error: HPSv2 needs open_clip; install the extra: "
+        "pip install 'lightning-refdpo[hpsv2]' (package open_clip_torch)"
+    ]

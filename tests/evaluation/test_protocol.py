@@ -1,6 +1,7 @@
 """``lightning-refdpo evaluate`` on the tiny model: symmetric comparisons, the paper's samplers,
 streaming with a resumable index, bounded memory and several processes."""
 
+import hashlib
 import json
 import weakref
 from pathlib import Path
@@ -14,7 +15,7 @@ from transformers import CLIPConfig, CLIPImageProcessor
 
 from lightning_refdpo.cli import run_cli
 from lightning_refdpo.evaluation import results_table
-from lightning_refdpo.evaluation.generation import load_pipeline, sampler_config
+from lightning_refdpo.evaluation.generation import item_batches, load_pipeline, sampler_config
 from lightning_refdpo.evaluation.report import summarize
 
 PROMPTS = ["a red cat", "a blue dog", "a green tree"]
@@ -66,8 +67,10 @@ def base_with_safety_checker(tiny_model, tmp_path_factory) -> str:
 
 
 def evaluate(model, output, *options, prompts=PROMPTS, root=None):
-    prompt_file = Path(output).parent / f"{Path(output).name}-prompts.txt"
-    prompt_file.write_text("\n".join(prompts))
+    text = "\n".join(prompts)
+    # named by its content: runs of the same prompts name the same prompt set in their results
+    prompt_file = Path(output).parent / f"prompts-{hashlib.sha1(text.encode()).hexdigest()[:8]}.txt"
+    prompt_file.write_text(text)
     return run_cli(
         [
             "evaluate",
@@ -192,23 +195,61 @@ def test_each_family_gets_the_papers_sampler_and_results_record_it(
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["generation"] == generation
 
 
-def test_an_interrupted_evaluation_resumes_where_it_stopped(checkpoint, tmp_path, monkeypatch):
+def test_items_come_in_fixed_batches_that_processes_share_whole():
+    one = item_batches(7, 3)
+    assert one == [range(0, 3), range(3, 6), range(6, 7)]
+    for world_size in (2, 3, 4):
+        shards = [item_batches(7, 3, rank, world_size) for rank in range(world_size)]
+        assert sorted((b for shard in shards for b in shard), key=lambda b: b.start) == one
+    assert item_batches(7, 3, 1, 2) == [range(3, 6)] and item_batches(7, 3, 3, 4) == []
+
+
+def written_files(folder: Path) -> dict[str, bytes]:
+    """The images, ``results.json`` and ``results.md`` under ``folder``, by relative path."""
+    paths = [*folder.rglob("*.png"), folder / "results.json", folder / "results.md"]
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(paths)}
+
+
+def test_an_interrupted_evaluation_resumes_with_the_bytes_of_an_uninterrupted_one(
+    checkpoint, tmp_path, monkeypatch
+):
+    """Fixed batches of 2 items: a run stopped in the model's third batch, its index cut while it
+    wrote item 3 (items 0-2 and half a line), generates the batches [2, 3] and [4, 5] whole on
+    resuming, then the baseline; images and results are those of one uninterrupted run, byte for
+    byte (same process and thread count: the same computation)."""
     from lightning_refdpo.evaluation import streaming
 
-    first = evaluate(checkpoint, tmp_path / "eval", "--batch_size=2")
-    index = next((tmp_path / "eval" / "runs").iterdir()) / "model" / "index-rank0.jsonl"
+    options = ("--batch_size=2", "--save_images=true")
+    evaluate(checkpoint, tmp_path / "one", *options)
+    original, generated = streaming.generate, []
+
+    def stopped_at_third_batch(pipeline, items, config):
+        if len(generated) == 2:
+            raise KeyboardInterrupt
+        generated.append(list(items))
+        return original(pipeline, items, config)
+
+    monkeypatch.setattr(streaming, "generate", stopped_at_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(checkpoint, tmp_path / "resumed", *options)
+    index = next((tmp_path / "resumed" / "runs").iterdir()) / "model" / "index-rank0.jsonl"
     lines = index.read_text().splitlines()
+    assert len(lines) == 4
     index.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])  # killed while writing item 3
-    generated = []
-    original = streaming.generate
+
+    generated.clear()
     monkeypatch.setattr(
-        streaming, "generate", lambda p, items, c: generated.extend(items) or original(p, items, c)
+        streaming, "generate", lambda p, items, c: generated.append(list(items)) or original(p, items, c)
     )
-    again = evaluate(checkpoint, tmp_path / "eval", "--batch_size=2")
-    assert len(generated) == 3, "only the model's items 3, 4 and 5"
-    assert again["prompt_sets"] == first["prompt_sets"]
+    evaluate(checkpoint, tmp_path / "resumed", *options)
+    items = [(prompt, seed) for prompt in PROMPTS for seed in (0, 1)]
+    assert generated == [items[2:4], items[4:6], items[0:2], items[2:4], items[4:6]], (
+        "the model's unfinished batches whole, then every baseline batch"
+    )
+    one, resumed = written_files(tmp_path / "one"), written_files(tmp_path / "resumed")
+    assert len(one) == 2 * 6 + 2 and resumed == one
     with pytest.raises(ValueError, match="holds an evaluation with other settings"):
-        evaluate(checkpoint, tmp_path / "eval", "--batch_size=2", "--guidance_scale=1.0")
+        evaluate(checkpoint, tmp_path / "resumed", "--batch_size=3", "--save_images=true")
 
 
 def test_hpdv2_styles_and_their_average_with_bootstrap_intervals():
@@ -262,7 +303,10 @@ def test_peak_memory_does_not_grow_with_the_number_of_prompts(checkpoint, tmp_pa
     assert 0 < large == small <= 2 * 8 * 3 * 32 * 32 * 4
 
 
-def test_two_processes_give_the_results_of_one(checkpoint, tmp_path):
+def test_two_processes_give_the_bytes_of_one(checkpoint, tmp_path):
+    """Two ranks take the fixed batches [0, 1], [4, 5] and [2, 3] of the items and write the images
+    and results of one process, byte for byte. The one process runs on one thread, as ``launch``
+    gives each rank: another thread count rounds differently (measured: 2e-6 in a pixel)."""
     from tests.test_distributed import launch
 
     prompt_file = tmp_path / "prompts.txt"
@@ -279,10 +323,20 @@ def test_two_processes_give_the_results_of_one(checkpoint, tmp_path):
         "--device=cpu",
         "--batch_size=2",
         "--num_bootstrap=200",
+        "--save_images=true",
     ]
-    one = run_cli([*common, f"--output={tmp_path / 'one'}"]).result
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_cli([*common, f"--output={tmp_path / 'one'}"])
+    finally:
+        torch.set_num_threads(threads)
     launch([*common, "--devices=2", f"--output={tmp_path / 'two'}"], 2, tmp_path)
-    two = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert two["prompt_sets"] == json.loads(json.dumps(one["prompt_sets"]))
-    shards = sorted(p.name for p in (tmp_path / "two" / "runs").rglob("index-rank*.jsonl"))
-    assert shards == ["index-rank0.jsonl", "index-rank0.jsonl", "index-rank1.jsonl", "index-rank1.jsonl"]
+    assert written_files(tmp_path / "two") == written_files(tmp_path / "one")
+    runs = next((tmp_path / "two" / "runs").iterdir())
+    for side in ("model", "baseline"):
+        ranks = [
+            sorted(json.loads(line)["item"] for line in (runs / side / f"index-rank{r}.jsonl").open())
+            for r in (0, 1)
+        ]
+        assert ranks == [[0, 1, 4, 5], [2, 3]]

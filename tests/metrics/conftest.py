@@ -64,8 +64,9 @@ class StandInOpenCLIP(torch.nn.Module):
 
 @pytest.fixture
 def stand_in_open_clip(monkeypatch: pytest.MonkeyPatch):
-    """``open_clip`` replaced by a module of the same API over :class:`StandInOpenCLIP` (open_clip
-    needs torchvision, which a CPU-only test install lacks); records the ``pretrained`` asked for."""
+    """``open_clip`` replaced by a module of the same API over :class:`StandInOpenCLIP`: open_clip
+    needs torchvision, which the CPU install leaves out (it does not import beside the CPU torch:
+    ``tests.helpers.not_installed``); records the ``pretrained`` asked for."""
     import sys
     import types
 

@@ -1,3 +1,5 @@
+import importlib.metadata
+
 import pytest
 import torch
 
@@ -61,3 +63,13 @@ def test_image_processor_runs_on_pil(clip_dir, monkeypatch):
     assert asked and all(kw.items() >= PIL_BACKEND.items() for kw in asked)
     assert PIL_BACKEND in ({"backend": "pil"}, {"use_fast": False})
     assert "Pil" in type(scorer.clip.processor.image_processor).__name__ or PIL_BACKEND == {"use_fast": False}
+
+
+@pytest.mark.skipif(
+    torch.version.cuda is not None, reason="a CUDA torch: torchvision's wheels are built for it"
+)
+def test_no_torchvision_beside_a_cpu_torch():
+    """The registry's torchvision does not import beside the CPU torch and breaks transformers'
+    CLIPImageProcessor and open_clip: ``make install`` must leave it out."""
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.distribution("torchvision")

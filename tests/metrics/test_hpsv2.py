@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from lightning_refdpo.metrics import HPSv2
+from tests.helpers import not_installed
 
 TINY_ARCHITECTURE = "hps-tiny-test"  # open_clip config named after its json file
 
 
 @pytest.fixture(scope="module")
 def open_clip():
-    return pytest.importorskip("open_clip")
+    return pytest.importorskip("open_clip", reason=not_installed("open_clip"))
 
 
 @pytest.fixture(scope="module")

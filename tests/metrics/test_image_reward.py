@@ -8,6 +8,7 @@ from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisio
 
 from lightning_refdpo.metrics import ImageReward
 from lightning_refdpo.metrics.image_reward import _pixel_values
+from tests.helpers import not_installed
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
@@ -163,7 +164,7 @@ def test_reward_model_is_frozen(image_reward):
 
 
 def test_transform_matches_torchvision(pil_images):
-    transforms = pytest.importorskip("torchvision.transforms")
+    transforms = pytest.importorskip("torchvision.transforms", reason=not_installed("torchvision"))
     reference = transforms.Compose(
         [
             transforms.Resize(32, interpolation=transforms.InterpolationMode.BICUBIC),
