@@ -73,6 +73,19 @@ def load_module(ckpt_path: str | Path, unsafe_unpickle: bool = False, **override
     return module.eval()
 
 
+def checkpoint_pipeline(
+    ckpt_path: str | Path, base_model: str | None = None, unsafe_unpickle: bool = False, device: str = "cpu"
+) -> tuple[Any, DiffusionDPOModule]:
+    """The pipeline of a training checkpoint's policy with the base model's own scheduler, built on
+    ``device``, and the module of :func:`load_module` (for its initial model). ``base_model``
+    replaces the base model that the checkpoint names."""
+    overrides = {"pretrained_model_name_or_path": base_model} if base_model else {}
+    module = load_module(ckpt_path, unsafe_unpickle, **overrides).to(device)
+    pipeline = module.build_pipeline()
+    pipeline.scheduler = module.backbone.base_scheduler()
+    return pipeline, module
+
+
 def check_writable_folder(folder: str | Path, option: str) -> Path:
     """Create ``folder`` and check that a file can be written in it, before any long work."""
     path = Path(folder)
@@ -135,10 +148,7 @@ def pipeline_from_export(
     path = Path(source)
     dtype = from_pretrained_kwargs.get("torch_dtype")
     if path.suffix == ".ckpt":
-        overrides = {"pretrained_model_name_or_path": base_model} if base_model else {}
-        module = load_module(path, unsafe_unpickle, **overrides)
-        pipeline = module.build_pipeline()
-        pipeline.scheduler = module.backbone.base_scheduler()
+        pipeline = checkpoint_pipeline(path, base_model, unsafe_unpickle)[0]
         return pipeline.to(dtype) if dtype is not None else pipeline
     if (path / "model_index.json").is_file() or not (path / EXPORT_INFO).is_file():
         return load_component(DiffusionPipeline, str(source), **from_pretrained_kwargs)

@@ -118,14 +118,10 @@ def load_pipeline(
     of ``lightning-refdpo export`` or a diffusers pipeline folder / hub id (second value ``None``).
     ``base_model`` replaces the base model that a checkpoint or export names; a checkpoint is
     loaded weights-only unless ``unsafe_unpickle`` (``lightning_refdpo.checkpoint.load_checkpoint``)."""
-    from lightning_refdpo.sources import load_module, pipeline_from_export
+    from lightning_refdpo.sources import checkpoint_pipeline, pipeline_from_export
 
     if model.endswith(".ckpt"):
-        overrides = {"pretrained_model_name_or_path": base_model} if base_model else {}
-        module = load_module(model, unsafe_unpickle, **overrides).to(device)
-        pipeline = module.build_pipeline()
-        pipeline.scheduler = module.backbone.base_scheduler()
-        return pipeline, module
+        return checkpoint_pipeline(model, base_model, unsafe_unpickle, device)
     return pipeline_from_export(model, base_model=base_model).to(device), None
 
 
